@@ -1,0 +1,104 @@
+"""Every config field, documented once. Named experiments import this and override fields.
+
+Select with `python run.py --config=experiments/NAME.py --workdir=DIR --config.train.steps=100`.
+The config is locked: a misspelt key is an error, never a silently ignored setting.
+"""
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0                      # model init, dropout and data order
+  c.stage = 'pretrain'            # pretrain | sample
+
+  # ---- model ---------------------------------------------------------------------------------
+  m = c.model = ConfigDict()
+  m.family = 'decoder'            # decoder (GPT); encoder and encoder_decoder come later
+  m.n_layers = 4
+  m.d_model = 128
+  m.n_heads = 4
+  m.n_kv_heads = 0                # 0 = n_heads (MHA); 1 = MQA; in between = GQA
+  m.head_dim = 0                  # 0 = d_model // n_heads
+  m.d_ff = 0                      # 0 = 4 * d_model (relu/gelu) or 8/3 * d_model rounded to 64 (swiglu)
+  m.vocab_size = 0                # 0 = take it from the tokenizer
+  m.max_len = 0                   # 0 = train.seq_len; longest sequence for learned/sinusoidal tables
+  m.pos_encoding = 'rope'         # rope | learned | sinusoidal | none
+  m.rope_theta = 10000.0
+  m.norm = 'rmsnorm'              # rmsnorm | layernorm
+  m.norm_position = 'pre'         # pre | post
+  m.norm_eps = 1e-5
+  m.mlp = 'swiglu'                # swiglu | gelu | relu
+  m.use_bias = False              # biases in attention and MLP projections
+  m.dropout = 0.0                 # residual dropout (after attention and MLP)
+  m.attn_dropout = 0.0            # on attention probabilities (einsum path only)
+  m.embed_dropout = 0.0           # on the embedded tokens
+  m.tie_embeddings = True         # output layer = token embedding transposed
+  m.attention = 'einsum'          # einsum (reference) | xla | cudnn  (jax.nn.dot_product_attention)
+  m.dtype = 'float32'             # compute dtype: float32 on CPU, bfloat16 on accelerators
+  m.param_dtype = 'float32'
+  m.scan_layers = False           # nn.scan over layers: compile time independent of depth
+  m.remat = 'none'                # none | full | dots | dots_no_batch (see model/transformer.py)
+
+  # ---- data ----------------------------------------------------------------------------------
+  d = c.data = ConfigDict()
+  d.source = 'synthetic'          # synthetic | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[:FIELD]
+  d.tokenizer = 'char'            # byte | char | spm:PATH.model | spm_bpe:VOCAB | spm_unigram:VOCAB
+  d.eval_fraction = 0.1           # held-out share (tail of each text file; every k-th document otherwise)
+  d.data_dir = ''                 # tfds data_dir ('' = tfds default)
+  s = d.synthetic = ConfigDict()  # a seeded Markov chain whose true entropy is known
+  s.seed = 1234                   # fixes the language; independent of the run seed
+  s.n_symbols = 24
+  s.branching = 4                 # successors allowed per state
+  s.concentration = 0.5           # Dirichlet concentration of the transition weights
+  s.n_docs = 4000
+  s.doc_len = 128                 # symbols per document
+
+  # ---- training ------------------------------------------------------------------------------
+  t = c.train = ConfigDict()
+  t.steps = 1000
+  t.batch_size = 32               # global batch, in rows of seq_len tokens
+  t.seq_len = 128
+  t.grad_accum = 1                # micro-batches per step (lax.scan); same update as the full batch
+  t.optimizer = 'adamw'           # adamw | adafactor | lion
+  t.lr = 1e-3                     # peak learning rate
+  t.schedule = 'cosine'           # cosine | linear | constant | wsd (warmup-stable-decay)
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1            # final lr = lr * min_lr_ratio (cosine, linear, wsd)
+  t.decay_fraction = 0.2          # wsd: share of steps spent decaying
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.weight_decay = 0.1
+  t.decay_embeddings = False      # apply weight decay to embeddings too (never to norms/biases)
+  t.clip_norm = 1.0               # global-norm clipping; 0 disables
+  t.opt_state_dtype = 'float32'   # dtype of the optimizer's first moment (bfloat16 halves its memory)
+  t.log_every = 10
+
+  # ---- evaluation ----------------------------------------------------------------------------
+  e = c.eval = ConfigDict()
+  e.every_steps = 200             # 0 = only at the end
+  e.max_batches = 0               # 0 = the full held-out split
+  e.batch_size = 0                # 0 = train.batch_size
+
+  # ---- checkpoints ---------------------------------------------------------------------------
+  k = c.checkpoint = ConfigDict()
+  k.every_steps = 500             # 0 = only at the end
+  k.keep = 3
+  k.async_save = True
+
+  # ---- device mesh ---------------------------------------------------------------------------
+  h = c.mesh = ConfigDict()
+  h.data = -1                     # -1 = all remaining devices
+  h.fsdp = 1
+  h.tensor = 1
+
+  # ---- sampling ------------------------------------------------------------------------------
+  p = c.sample = ConfigDict()
+  p.prompt = ''
+  p.max_new_tokens = 200
+  p.temperature = 0.8             # 0 = greedy
+  p.top_k = 0                     # 0 = off
+  p.top_p = 1.0                   # 1 = off
+  p.num_samples = 1
+  p.seed = 0
+  return c

@@ -1,0 +1,101 @@
+"""The model's typed view of `config.model`: resolved defaults and shape checks in one place."""
+import dataclasses
+
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from model.errors import UserError
+
+_CHOICES = {
+    'family': ('decoder',),
+    'pos_encoding': ('rope', 'learned', 'sinusoidal', 'none'),
+    'norm': ('rmsnorm', 'layernorm'),
+    'norm_position': ('pre', 'post'),
+    'mlp': ('swiglu', 'gelu', 'relu'),
+    'attention': ('einsum', 'xla', 'cudnn'),
+    'remat': ('none', 'full', 'dots', 'dots_no_batch'),
+    'dtype': ('float32', 'bfloat16', 'float16'),
+    'param_dtype': ('float32', 'bfloat16'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every architecture switch; built from `config.model` by `model_config`."""
+  vocab_size: int
+  family: str = 'decoder'
+  n_layers: int = 4
+  d_model: int = 128
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  head_dim: int = 32
+  d_ff: int = 512
+  max_len: int = 128
+  pos_encoding: str = 'rope'
+  rope_theta: float = 10000.0
+  norm: str = 'rmsnorm'
+  norm_position: str = 'pre'
+  norm_eps: float = 1e-5
+  mlp: str = 'swiglu'
+  use_bias: bool = False
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  embed_dropout: float = 0.0
+  tie_embeddings: bool = True
+  attention: str = 'einsum'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  scan_layers: bool = False
+  remat: str = 'none'
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+
+def default_d_ff(d_model: int, mlp: str) -> int:
+  """4·d for ReLU/GELU; 8/3·d rounded up to a multiple of 64 for SwiGLU (same parameter count)."""
+  if mlp == 'swiglu':
+    return -(-int(8 * d_model / 3) // 64) * 64
+  return 4 * d_model
+
+
+def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
+  """Resolve zeros to defaults and check every size, naming the field on failure."""
+  for field, choices in _CHOICES.items():
+    if m[field] not in choices:
+      raise UserError(f'model.{field}={m[field]!r} is not one of {", ".join(choices)}')
+  vocab = m.vocab_size or vocab_size
+  n_kv = m.n_kv_heads or m.n_heads
+  for field, value in (('n_layers', m.n_layers), ('d_model', m.d_model), ('n_heads', m.n_heads),
+                       ('vocab_size', vocab)):
+    if value <= 0:
+      raise UserError(f'model.{field}={value} must be positive')
+  if m.vocab_size and m.vocab_size < vocab_size:
+    raise UserError(f'model.vocab_size={m.vocab_size} is smaller than the tokenizer vocabulary '
+                    f'({vocab_size}); set it to 0 to use the tokenizer size')
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise UserError(f'model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; '
+                    'pick n_heads dividing d_model or set model.head_dim')
+  if m.n_heads % n_kv:
+    raise UserError(f'model.n_kv_heads={n_kv} does not divide model.n_heads={m.n_heads}; '
+                    'use a divisor (1 = MQA, n_heads = MHA)')
+  head_dim = m.head_dim or m.d_model // m.n_heads
+  if m.pos_encoding == 'rope' and head_dim % 2:
+    raise UserError(f'RoPE needs an even head_dim, got {head_dim}; change d_model/n_heads or head_dim')
+  max_len = m.max_len or seq_len
+  if max_len < seq_len:
+    raise UserError(f'model.max_len={max_len} is shorter than train.seq_len={seq_len}')
+  return ModelConfig(
+      vocab_size=vocab, family=m.family, n_layers=m.n_layers, d_model=m.d_model,
+      n_heads=m.n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+      d_ff=m.d_ff or default_d_ff(m.d_model, m.mlp), max_len=max_len,
+      pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm,
+      norm_position=m.norm_position, norm_eps=m.norm_eps, mlp=m.mlp, use_bias=m.use_bias,
+      dropout=m.dropout, attn_dropout=m.attn_dropout, embed_dropout=m.embed_dropout,
+      tie_embeddings=m.tie_embeddings, attention=m.attention, dtype=m.dtype,
+      param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat)

@@ -1,0 +1,38 @@
+"""Entry point: python run.py --config=experiments/NAME.py --workdir=DIR [--config.KEY=VALUE ...]"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', 'experiments/quickstart.py', 'Experiment config file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, config.json.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --config.train.steps=100')
+  cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if not workdir:
+    sys.exit('error: --workdir is required (where checkpoints, metrics and the tokenizer go)')
+  import jax  # after flag parsing, so a bad flag fails fast
+  from model.errors import UserError
+  from train.mesh import maybe_initialize_distributed
+  from train.stages import STAGES
+  try:
+    if cfg.stage not in STAGES:
+      raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
+    maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    STAGES[cfg.stage](cfg, workdir)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

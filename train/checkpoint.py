@@ -1,0 +1,66 @@
+"""Orbax checkpoints: train state + data iterator state + metadata, saved atomically.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save
+leaves no half-written checkpoint: `latest_step` only sees finished ones.
+"""
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from model.errors import UserError
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('state', 'data', 'meta'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, meta: dict) -> None:
+  """Async save of the state; the data iterator's position is written per process (grain's handler)."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(data_iter),
+                                             meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def abstract_like(tree: Any) -> Any:
+  """Shape, dtype and sharding of every leaf: the restore target, so orbax reshards onto this mesh."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, like_state: Any,
+            data_iter: Any | None = None) -> tuple[Any, dict]:
+  """Restore `step` onto the shapes and shardings of `like_state` (orbax reshards onto this mesh),
+  and move `data_iter` to the saved position. Any failure or mismatch is a one-line UserError."""
+  path = os.path.join(manager.directory, str(step))
+  abstract_state = abstract_like(like_state)
+  items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+  if data_iter is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # orbax raises many types; all mean the same thing to the user
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f'checkpoint {path} cannot be restored ({type(e).__name__}: {first[:200]}); '
+                    'delete that step folder to fall back to an older one, or use a fresh --workdir') from e
+  _check_structure(abstract_state, out['state'], path)
+  return out['state'], out['meta']
+
+
+def _check_structure(expected: Any, got: Any, path: str) -> None:
+  """A restore never silently uses random weights: keys and shapes must match exactly."""
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(got)}
+  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+  if missing or extra or wrong:
+    raise UserError(f'checkpoint {path} does not match the model: missing {missing[:3]}, '
+                    f'unexpected {extra[:3]}, mis-shaped {wrong[:3]}; check config.model')

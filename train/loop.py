@@ -1,0 +1,243 @@
+"""The training loop shared by every stage: one jitted step over a mesh, eval, metrics, checkpoints.
+
+A stage differs only in its batch source and its loss function (train/objectives.py).
+"""
+import dataclasses
+import math
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from model.config import ModelConfig, model_config
+from model.errors import UserError
+from model.transformer import build_model
+from train import checkpoint
+from train.mesh import LOGICAL_RULES, batch_sharding, check_divisibility, global_batch, make_mesh
+from train.metrics import MetricWriter, device_peak_flops, flops_per_token
+from train.objectives import LossFn, batch_weight, causal_lm_loss
+from train.state import TrainState, lr_schedule, make_optimizer
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class Trainer:
+  """What a stage needs, built once from the config: mesh, model, optimizer, sharded state."""
+  cfg: ConfigDict
+  mesh: jax.sharding.Mesh
+  model_cfg: ModelConfig
+  model: nn.Module            # dropout on (when configured): for training
+  eval_model: nn.Module       # deterministic: for eval and sampling
+  tx: optax.GradientTransformation
+  state: TrainState
+  state_sharding: Any
+
+
+def init_trainer(cfg: ConfigDict, vocab_size: int) -> Trainer:
+  """Mesh, model and a freshly initialised, sharded train state (weights, optimizer)."""
+  t = cfg.train
+  if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+    raise UserError(f'train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}')
+  mesh = make_mesh(cfg.mesh)
+  mcfg = model_config(cfg.model, vocab_size, t.seq_len)
+  check_divisibility(mcfg, mesh, t.batch_size, t.grad_accum)
+  model, eval_model = build_model(mcfg, deterministic=False), build_model(mcfg, deterministic=True)
+  tx = make_optimizer(t)
+
+  def init(rng):
+    tokens = jnp.zeros((1, t.seq_len), jnp.int32)
+    params = model.init({'params': rng, 'dropout': rng}, tokens)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  rng = jax.random.PRNGKey(cfg.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    abstract = jax.eval_shape(init, rng)
+    sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, LOGICAL_RULES)
+    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=sharding)(rng)
+  return Trainer(cfg, mesh, mcfg, model, eval_model, tx, state, sharding)
+
+
+def make_train_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[TrainState, Batch, jax.Array], Any]:
+  """One optimizer step; with grad_accum > 1 a lax.scan over micro-batches gives the same update."""
+  t = trainer.cfg.train
+  schedule, tx, accum = lr_schedule(t), trainer.tx, t.grad_accum
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  data_sharding = batch_sharding(trainer.mesh)
+
+  def step(state: TrainState, batch: Batch, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    weight = jnp.maximum(batch_weight(batch), 1.0)
+    if accum == 1:
+      (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
+    else:
+      # Strided split (row i goes to micro-batch i % accum) keeps every micro-batch spread over
+      # all data-parallel devices instead of a contiguous block living on a few of them.
+      micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, xs):
+        mb, i = xs
+        mb = jax.lax.with_sharding_constraint(mb, data_sharding)
+        out = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
+      ((loss_sum, aux), grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss_sum / weight, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state.step), **{k: v / weight for k, v in aux.items()}}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return jax.jit(step, in_shardings=(trainer.state_sharding, data_sharding, None),
+                 out_shardings=(trainer.state_sharding, None), donate_argnums=0)
+
+
+def make_eval_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  def step(params, batch):
+    loss_sum, aux = loss_fn(params, batch, jax.random.PRNGKey(0))
+    return {'loss_sum': loss_sum, 'weight': batch_weight(batch), **aux}
+  return jax.jit(step, in_shardings=(trainer.state_sharding.params, batch_sharding(trainer.mesh)))
+
+
+def evaluate(trainer: Trainer, eval_step, params, batches: list[dict], bytes_per_token: float
+             ) -> dict[str, float]:
+  """Loss over the whole held-out split, summed in float64 on the host."""
+  totals: dict[str, float] = {}
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    for batch in batches:
+      for k, v in jax.device_get(eval_step(params, global_batch(batch, trainer.mesh))).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+  weight = max(totals.pop('weight', 0.0), 1.0)
+  loss = totals.pop('loss_sum', 0.0) / weight
+  out = {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 50.0)),
+         **{f'eval_{k}': v / weight for k, v in totals.items()}}
+  if bytes_per_token:
+    out['eval_bpb'] = loss / math.log(2) / bytes_per_token
+  return out
+
+
+class _Preemption:
+  """SIGTERM (preemption) sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], train_iter: Iterator,
+                 eval_batches: list[dict], workdir: str, info: dict[str, Any]) -> dict[str, float]:
+  """Train from the latest checkpoint in `workdir` (or from scratch) to `train.steps`.
+
+  Metrics for step t are pulled to the host after step t+1 is dispatched, so logging never
+  stalls the device. Returns the last logged metrics (with the final eval).
+  """
+  cfg, t = trainer.cfg, trainer.cfg.train
+  manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+  tokens_per_step = t.batch_size * t.seq_len
+  flops_token = flops_per_token(trainer.model_cfg, t.seq_len)
+  peak = device_peak_flops() * jax.device_count()
+  bytes_per_token = info.get('eval_bytes_per_token', 0.0)
+
+  start, tokens, flops = 0, 0, 0.0
+  latest = manager.latest_step()
+  if latest is not None:
+    trainer.state, meta = checkpoint.restore(manager, latest, trainer.state, train_iter)
+    start, tokens, flops = latest, meta['tokens'], meta['flops']
+    print(f'resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}', flush=True)
+
+  train_step = make_train_step(trainer, objective(trainer.model.apply))
+  eval_step = make_eval_step(trainer, objective(trainer.eval_model.apply))
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  rng = jax.random.PRNGKey(cfg.seed + 1)
+  preempt = _Preemption()
+  last: dict[str, float] = {}
+  bar = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
+             mininterval=1.0, disable=jax.process_index() != 0)
+  pending = None  # (step, device metrics) of the step whose metrics are not yet on the host
+  clock = time.perf_counter()
+
+  def flush() -> None:
+    nonlocal pending, clock, tokens, flops, last
+    if pending is None:
+      return
+    step, metrics = pending
+    pending = None
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(m['loss']):
+      raise UserError(f'loss became {m["loss"]} at step {step}; lower train.lr, raise '
+                      'train.warmup_steps or set train.clip_norm (no checkpoint of this step was kept)')
+    now = time.perf_counter()
+    dt, clock = now - clock, now
+    tokens += tokens_per_step
+    flops += tokens_per_step * flops_token
+    last = {**m, 'tokens': tokens, 'flops': flops, 'step_time': dt,
+            'tokens_per_sec': tokens_per_step / dt, 'mfu': tokens_per_step * flops_token / dt / peak}
+    if step % t.log_every == 0 or step == t.steps:
+      writer.write(step, last)
+    bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
+    bar.update(1)
+
+  def save(step: int) -> None:
+    checkpoint.save(manager, step, trainer.state, train_iter,
+                    {'step': step, 'tokens': tokens, 'flops': flops})
+
+  try:
+    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      for step in range(start + 1, t.steps + 1):
+        batch = global_batch(next(train_iter), trainer.mesh)
+        trainer.state, metrics = train_step(trainer.state, batch, rng)
+        flush()
+        pending = (step, metrics)
+        is_eval = cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != t.steps
+        is_ckpt = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if is_eval or is_ckpt or preempt.requested:
+          flush()  # this step's loss is checked before anything is saved
+        if is_eval:
+          last.update(evaluate(trainer, eval_step, trainer.state.params, eval_batches, bytes_per_token))
+          writer.write(step, last)
+          bar.write(f'step {step}: eval_loss {last["eval_loss"]:.4f}')
+          clock = time.perf_counter()  # eval time is not training time
+        if (is_ckpt or preempt.requested) and step != t.steps:
+          save(step)
+        if preempt.requested:
+          manager.wait_until_finished()
+          bar.write(f'SIGTERM: saved checkpoint at step {step}; rerun the same command to resume')
+          return last
+      flush()
+      if start < t.steps:
+        save(t.steps)
+      last.update(evaluate(trainer, eval_step, trainer.state.params, eval_batches, bytes_per_token))
+      writer.write(t.steps, last)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    preempt.restore()
+  return last
+
+
+def pretrain(cfg: ConfigDict, workdir: str, dataset) -> tuple[Trainer, dict[str, float]]:
+  """Next-token prediction on `dataset` (data/pipeline.py); returns the trainer and final metrics."""
+  trainer = init_trainer(cfg, dataset.tokenizer.vocab_size)
+  per_host = cfg.train.batch_size // jax.process_count()
+  train_iter = dataset.train_iter(per_host, cfg.train.seq_len)
+  eval_batches = dataset.eval_batches(cfg.eval.batch_size or per_host, cfg.train.seq_len,
+                                      cfg.eval.max_batches)
+  return trainer, run_training(trainer, causal_lm_loss, train_iter, eval_batches, workdir, dataset.info)

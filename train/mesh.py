@@ -1,0 +1,99 @@
+"""Device mesh, the logical-axis rule table, and multi-host start-up.
+
+Mesh axes are ('data', 'fsdp', 'tensor'). Parameters and activations have separate logical names
+so weights can be sharded over fsdp while activations shard the batch (ZeRO-3 style).
+"""
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from model.config import ModelConfig
+from model.errors import UserError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# logical name -> mesh axes. Names absent here are replicated.
+LOGICAL_RULES = (
+    # parameters
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('head_dim', None),
+    ('length', None),
+    ('layers', None),
+    # activations
+    ('act_batch', BATCH_AXES),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+)
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when launched as one of several processes (TPU pod, SLURM, or
+  JAX_COORDINATOR_ADDRESS set); a no-op for a single process."""
+  multi = (os.environ.get('JAX_COORDINATOR_ADDRESS') or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+           or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0)
+  if multi and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def mesh_shape(m: ConfigDict, n_devices: int) -> tuple[int, int, int]:
+  """Resolve one -1 entry to the remaining devices and check the product."""
+  shape = [m.data, m.fsdp, m.tensor]
+  if shape.count(-1) > 1:
+    raise UserError('at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1')
+  if any(s == 0 or s < -1 for s in shape):
+    raise UserError(f'mesh sizes must be positive or -1, got data={m.data} fsdp={m.fsdp} tensor={m.tensor}')
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if n_devices % known:
+      raise UserError(f'{n_devices} devices cannot be split into mesh {shape}; adjust mesh.*')
+    shape[shape.index(-1)] = n_devices // known
+  if int(np.prod(shape)) != n_devices:
+    raise UserError(f'mesh data×fsdp×tensor = {shape} uses {int(np.prod(shape))} devices but '
+                    f'{n_devices} are present; make the product equal {n_devices} or use -1')
+  return tuple(shape)
+
+
+def make_mesh(m: ConfigDict) -> Mesh:
+  shape = mesh_shape(m, jax.device_count())
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_divisibility(cfg: ModelConfig, mesh: Mesh, batch_size: int, grad_accum: int) -> None:
+  """Every sharded dimension must divide by its mesh axes; name the field that does not."""
+  tensor, fsdp = mesh.shape['tensor'], mesh.shape['fsdp']
+  batch_ways = mesh.shape['data'] * fsdp
+  checks = [('model.n_heads', cfg.n_heads, tensor, 'mesh.tensor'),
+            ('model.n_kv_heads', cfg.n_kv_heads, tensor, 'mesh.tensor'),
+            ('model.d_ff', cfg.d_ff, tensor, 'mesh.tensor'),
+            ('model.vocab_size', cfg.vocab_size, tensor, 'mesh.tensor'),
+            ('model.d_model', cfg.d_model, fsdp, 'mesh.fsdp'),
+            ('train.batch_size / train.grad_accum', batch_size // grad_accum, batch_ways,
+             'mesh.data × mesh.fsdp')]
+  for field, size, ways, axis in checks:
+    if size % ways:
+      raise UserError(f'{field}={size} is not divisible by {axis}={ways}; change one of them')
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows of the global batch split over (data, fsdp); the sequence dimension replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble each host's slice of the batch into global arrays sharded over (data, fsdp)."""
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

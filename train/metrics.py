@@ -1,0 +1,114 @@
+"""FLOPs per token, device peak and MFU; metrics to JSONL and TensorBoard."""
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
+    'TPU v6e': 918e12,
+    'NVIDIA A100': 312e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Parameters that take part in matmuls, per token: attention and MLP projections, and the
+  output layer (the unembedding counts even when tied). The embedding lookup is a gather: excluded."""
+  attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+  mlp = (3 if cfg.mlp == 'swiglu' else 2) * cfg.d_model * cfg.d_ff
+  return cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+  """Training FLOPs per token = 6·N_matmul + 12·L·T·(h·k) (PaLM, appendix B).
+
+  The attention term (QK^T and AV, forward and backward) is halved for causal masks, since half
+  of the score matrix is masked out; kernels that skip it do half the work.
+  """
+  attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+  return 6 * matmul_params(cfg) + (attention / 2 if causal else attention)
+
+
+def _cpu_cache_path() -> str:
+  root = os.environ.get('XDG_CACHE_HOME', os.path.join(os.path.expanduser('~'), '.cache'))
+  return os.path.join(root, 'lmlab', 'cpu_peak.json')
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jit-compiled f32 matmul on the default device: the honest CPU 'peak'."""
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def device_peak_flops() -> float:
+  """Peak FLOP/s of one device: from the table for accelerators, measured once and cached on CPU."""
+  device = jax.devices()[0]
+  kind = getattr(device, 'device_kind', '')
+  for name, peak in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return peak
+  if device.platform != 'cpu':
+    return float('nan')  # unknown accelerator: MFU is reported as NaN rather than guessed
+  key = f'{platform.processor() or platform.machine()}|{os.cpu_count()}|{jax.device_count()}'
+  path = _cpu_cache_path()
+  try:
+    with open(path) as f:
+      cache = json.load(f)
+  except (OSError, ValueError):
+    cache = {}
+  if key not in cache:
+    # Simulated devices share the same cores: the per-device peak is the machine peak divided.
+    cache[key] = measure_matmul_peak() / jax.device_count()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(cache, f)
+  return cache[key]
+
+
+class MetricWriter:
+  """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (v.item() if isinstance(v, (np.generic, np.ndarray)) else v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({'step': step, **clean}) + '\n')
+    self._jsonl.flush()
+    for k, v in clean.items():
+      if isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()

@@ -1,0 +1,72 @@
+"""The stages run.py can select with `config.stage`. Each is a function (config, workdir) -> None."""
+import os
+from typing import Callable
+
+import jax
+from ml_collections import ConfigDict
+
+from data.pipeline import build_dataset
+from data.tokenizer import Tokenizer, load_tokenizer
+from model.errors import UserError
+from model.generate import generate_recompute
+from train import checkpoint
+from train.loop import Trainer, init_trainer, pretrain
+
+
+def tokenizer_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'tokenizer')
+
+
+def print_samples(trainer: Trainer, tokenizer: Tokenizer, s: ConfigDict) -> list[str]:
+  """Complete `sample.prompt` (after BOS, as documents start in training) and print each sample."""
+  prompt = [tokenizer.bos_id] + tokenizer.encode(s.prompt)
+  max_len = trainer.model_cfg.max_len
+  if trainer.model_cfg.pos_encoding != 'rope' and len(prompt) >= max_len:
+    raise UserError(f'sample.prompt is {len(prompt)} tokens, the model reads at most {max_len - 1}; '
+                    'shorten the prompt')
+  rows = generate_recompute(
+      trainer.eval_model.apply, trainer.state.params, prompt[-max_len + 1:],
+      max_new_tokens=s.max_new_tokens, max_len=max_len, rng=jax.random.PRNGKey(s.seed),
+      num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  texts = [s.prompt + tokenizer.decode(row) for row in rows]
+  for i, text in enumerate(texts):
+    print(f'--- sample {i} ---\n{text}', flush=True)
+  return texts
+
+
+def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
+  dataset = build_dataset(cfg.data, cfg.seed, tokenizer_dir=tokenizer_dir(workdir),
+                          process_index=jax.process_index(), process_count=jax.process_count())
+  truth = dataset.info.get('true_entropy_nats_per_token')
+  if truth is not None:
+    print(f'source: true entropy {truth:.4f} nats/token (the best achievable eval loss)', flush=True)
+  trainer, metrics = pretrain(cfg, workdir, dataset)
+  line = f'final eval_loss {metrics["eval_loss"]:.4f} nats/token'
+  if truth is not None:
+    line += f', true entropy {truth:.4f} (gap {metrics["eval_loss"] - truth:+.4f})'
+  if 'eval_bpb' in metrics:
+    line += f', {metrics["eval_bpb"]:.4f} bits/byte'
+  print(line, flush=True)
+  print_samples(trainer, dataset.tokenizer, cfg.sample)
+
+
+def sample_stage(cfg: ConfigDict, workdir: str) -> None:
+  """Load the latest checkpoint and the tokenizer saved beside it, and print completions."""
+  if not os.path.isdir(tokenizer_dir(workdir)):
+    raise UserError(f'{workdir} has no tokenizer/ folder; train there first (stage=pretrain)')
+  tokenizer = load_tokenizer(tokenizer_dir(workdir))
+  trainer = init_trainer(cfg, tokenizer.vocab_size)
+  manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, async_save=False)
+  step = manager.latest_step()
+  if step is None:
+    raise UserError(f'no checkpoint under {checkpoint.checkpoint_dir(workdir)}; train first')
+  trainer.state, _ = checkpoint.restore(manager, step, trainer.state)
+  manager.close()
+  print_samples(trainer, tokenizer, cfg.sample)
+
+
+STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
+    'pretrain': pretrain_stage,
+    'sample': sample_stage,
+}
