@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', 'experiments/quickstart.py', 'Experiment config file.',
@@ -17,6 +17,7 @@ def main(argv: list[str]) -> None:
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if not workdir:
     sys.exit('error: --workdir is required (where checkpoints, metrics and the tokenizer go)')
+  logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
   import jax  # after flag parsing, so a bad flag fails fast
   from model.errors import UserError
   from train.mesh import maybe_initialize_distributed

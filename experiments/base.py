@@ -51,7 +51,7 @@ def get_config() -> ConfigDict:
   s.branching = 4                 # successors allowed per state
   s.concentration = 0.5           # Dirichlet concentration of the transition weights
   s.n_docs = 4000
-  s.doc_len = 128                 # symbols per document
+  s.doc_len = 127                 # symbols per document; 127 + BOS + EOS = 128 pairs = one train.seq_len row
 
   # ---- training ------------------------------------------------------------------------------
   t = c.train = ConfigDict()

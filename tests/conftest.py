@@ -7,3 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+# Persistent XLA cache: the many small models built by tests compile once per machine, not per test.
+import jax  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir',
+                  os.path.join(os.path.expanduser('~'), '.cache', 'lmlab', 'jax-tests'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

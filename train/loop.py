@@ -41,12 +41,12 @@ class Trainer:
   state_sharding: Any
 
 
-def init_trainer(cfg: ConfigDict, vocab_size: int) -> Trainer:
+def init_trainer(cfg: ConfigDict, vocab_size: int, devices: list[jax.Device] | None = None) -> Trainer:
   """Mesh, model and a freshly initialised, sharded train state (weights, optimizer)."""
   t = cfg.train
   if t.grad_accum < 1 or t.batch_size % t.grad_accum:
     raise UserError(f'train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}')
-  mesh = make_mesh(cfg.mesh)
+  mesh = make_mesh(cfg.mesh, devices)
   mcfg = model_config(cfg.model, vocab_size, t.seq_len)
   check_divisibility(mcfg, mesh, t.batch_size, t.grad_accum)
   model, eval_model = build_model(mcfg, deterministic=False), build_model(mcfg, deterministic=True)
@@ -188,7 +188,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
     flops += tokens_per_step * flops_token
     last = {**m, 'tokens': tokens, 'flops': flops, 'step_time': dt,
             'tokens_per_sec': tokens_per_step / dt, 'mfu': tokens_per_step * flops_token / dt / peak}
-    if step % t.log_every == 0 or step == t.steps:
+    if step % t.log_every == 0 and step != t.steps:  # the final step is written with its eval
       writer.write(step, last)
     bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
     bar.update(1)

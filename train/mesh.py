@@ -65,9 +65,12 @@ def mesh_shape(m: ConfigDict, n_devices: int) -> tuple[int, int, int]:
   return tuple(shape)
 
 
-def make_mesh(m: ConfigDict) -> Mesh:
-  shape = mesh_shape(m, jax.device_count())
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+def make_mesh(m: ConfigDict, devices: list[jax.Device] | None = None) -> Mesh:
+  """Mesh over all devices (or the given subset, e.g. one device for a reference run)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(m, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def check_divisibility(cfg: ModelConfig, mesh: Mesh, batch_size: int, grad_accum: int) -> None:

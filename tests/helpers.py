@@ -1,0 +1,35 @@
+"""Small builders shared by tests: a tiny config and random packed batches."""
+import numpy as np
+from ml_collections import ConfigDict
+
+from experiments.base import get_config
+
+
+def tiny_config(**model) -> ConfigDict:
+  """A 2-layer GPT small enough to compile and step in well under a second."""
+  c = get_config()
+  c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.n_kv_heads = 2, 32, 4, 2
+  c.model.d_ff = 64
+  c.train.batch_size, c.train.seq_len, c.train.warmup_steps = 8, 16, 2
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+  for k, v in model.items():
+    c.model[k] = v
+  return c
+
+
+def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int,
+                 docs_per_row: int = 2) -> dict[str, np.ndarray]:
+  """Rows packed with `docs_per_row` documents of random lengths, as data/pipeline.py emits."""
+  tokens = rng.integers(3, vocab, (batch, length + 1)).astype(np.int32)
+  seg = np.zeros((batch, length), np.int32)
+  pos = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    cuts = np.sort(rng.choice(np.arange(2, length - 1), docs_per_row - 1, replace=False))
+    bounds = [0, *cuts, length]
+    for i in range(docs_per_row):
+      seg[b, bounds[i]:bounds[i + 1]] = i + 1
+      pos[b, bounds[i]:bounds[i + 1]] = np.arange(bounds[i + 1] - bounds[i])
+  weights = np.ones((batch, length), np.float32)
+  weights[:, :-1] *= seg[:, 1:] == seg[:, :-1]  # no target across a document boundary
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg, positions=pos,
+              weights=weights)
