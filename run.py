@@ -11,6 +11,19 @@ config_flags.DEFINE_config_file('config', 'experiments/quickstart.py', 'Experime
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, config.json.')
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, but a bad flag (unknown config key, bad value, missing config file) ends
+  with one line naming it instead of a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    flags.FLAGS.config.stage  # config files load lazily: fail here, not deep inside a stage
+    return rest
+  except Exception as e:  # config_flags raises AttributeError/KeyError/OSError/flags.Error
+    text = str(e).replace('\\n', '\n').replace("\\'", '')
+    message = ' '.join(line.strip().strip('\'"') for line in text.splitlines() if line.strip())
+    sys.exit(f'error: bad flag: {message} (every config field is listed in experiments/base.py)')
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --config.train.steps=100')
@@ -36,4 +49,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -24,11 +24,13 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
                                item_names=('state', 'data', 'meta'))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, meta: dict) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         data_iter: Any | None = None) -> None:
   """Async save of the state; the data iterator's position is written per process (grain's handler)."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=grain.checkpoint.CheckpointSave(data_iter),
-                                             meta=ocp.args.JsonSave(meta)), force=True)
+  items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  if data_iter is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -102,6 +102,21 @@ def make_train_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[TrainState, 
                  out_shardings=(trainer.state_sharding, None), donate_argnums=0)
 
 
+def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn], batch: Batch,
+                       verbose: bool = True):
+  """Ahead-of-time compile of the train step for this batch's shapes; prints XLA's memory analysis
+  (per device) so a researcher sees whether a run fits before it starts."""
+  step = make_train_step(trainer, objective(trainer.model.apply))
+  compiled = step.lower(trainer.state, batch, jax.random.PRNGKey(0)).compile()
+  mem = compiled.memory_analysis()
+  if verbose and mem is not None and jax.process_index() == 0:
+    gib = lambda n: f'{n / 2**30:.3f} GiB'
+    print(f'train step per device: arguments {gib(mem.argument_size_in_bytes)}, outputs '
+          f'{gib(mem.output_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)}, '
+          f'aliased (donated) {gib(mem.alias_size_in_bytes)}', flush=True)
+  return compiled
+
+
 def make_eval_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   def step(params, batch):
     loss_sum, aux = loss_fn(params, batch, jax.random.PRNGKey(0))
@@ -161,7 +176,6 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
     start, tokens, flops = latest, meta['tokens'], meta['flops']
     print(f'resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}', flush=True)
 
-  train_step = make_train_step(trainer, objective(trainer.model.apply))
   eval_step = make_eval_step(trainer, objective(trainer.eval_model.apply))
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   rng = jax.random.PRNGKey(cfg.seed + 1)
@@ -194,13 +208,17 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
     bar.update(1)
 
   def save(step: int) -> None:
-    checkpoint.save(manager, step, trainer.state, train_iter,
-                    {'step': step, 'tokens': tokens, 'flops': flops})
+    checkpoint.save(manager, step, trainer.state, {'step': step, 'tokens': tokens, 'flops': flops},
+                    train_iter)
 
   try:
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      train_step = None
       for step in range(start + 1, t.steps + 1):
         batch = global_batch(next(train_iter), trainer.mesh)
+        if train_step is None:
+          train_step = compile_train_step(trainer, objective, batch)
+          clock = time.perf_counter()
         trainer.state, metrics = train_step(trainer.state, batch, rng)
         flush()
         pending = (step, metrics)

@@ -1,0 +1,70 @@
+"""Training throughput for a config: tokens/s, step time, MFU against the device peak, memory.
+
+  python benchmarks/train_throughput.py --config=experiments/shakespeare_char.py --steps=50
+  python benchmarks/train_throughput.py --config=experiments/quickstart.py --config.model.d_model=384
+
+Random token batches (no data pipeline, so only the model and optimizer are timed); the first
+steps are warm-up and not counted. The peak on CPU is a measured jit'ed f32 matmul (cached).
+"""
+import resource
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', 'experiments/quickstart.py', 'Experiment config.',
+                                lock_config=True)
+flags.DEFINE_integer('steps', 30, 'Timed steps.')
+flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+flags.DEFINE_integer('vocab', 0, 'Vocabulary size (0 = model.vocab_size or 65, as Shakespeare chars).')
+
+
+def main(_):
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from train.loop import compile_train_step, init_trainer
+  from train.mesh import LOGICAL_RULES, global_batch
+  from train.metrics import device_peak_flops, flops_per_token
+  from train.objectives import causal_lm_loss
+
+  cfg, F = flags.FLAGS.config, flags.FLAGS
+  vocab = F.vocab or cfg.model.vocab_size or 65
+  t = cfg.train
+  trainer = init_trainer(cfg, vocab)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (t.batch_size, t.seq_len + 1)).astype(np.int32)
+  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+               segment_ids=np.ones((t.batch_size, t.seq_len), np.int32),
+               positions=np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (t.batch_size, t.seq_len)),
+               weights=np.ones((t.batch_size, t.seq_len), np.float32))
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    batch = global_batch(batch, trainer.mesh)
+    step = compile_train_step(trainer, causal_lm_loss, batch)
+    key = jax.random.PRNGKey(0)
+    state = trainer.state
+    for _ in range(F.warmup):
+      state, m = step(state, batch, key)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(F.steps):
+      state, m = step(state, batch, key)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / F.steps
+  tokens_per_step = t.batch_size * t.seq_len
+  fpt = flops_per_token(trainer.model_cfg, t.seq_len)
+  peak = device_peak_flops() * jax.device_count()
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f'model: {n_params / 1e6:.2f}M params, {trainer.model_cfg.n_layers} layers, width '
+        f'{trainer.model_cfg.d_model}, batch {t.batch_size} x {t.seq_len}, dtype {trainer.model_cfg.dtype}, '
+        f'{jax.device_count()} x {jax.devices()[0].device_kind}')
+  print(f'step time      {dt * 1e3:.1f} ms')
+  print(f'tokens/s       {tokens_per_step / dt:,.0f}')
+  print(f'model FLOP/s   {tokens_per_step * fpt / dt / 1e9:.1f} GFLOP/s ({fpt / 1e6:.2f} MFLOP/token)')
+  print(f'MFU            {tokens_per_step * fpt / dt / peak:.1%} of {peak / 1e9:.0f} GFLOP/s peak')
+  print(f'peak host RSS  {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,84 @@
+"""Sharded training equals one device: data, FSDP, tensor parallel and their mixes (8 fake CPUs)."""
+import jax
+import numpy as np
+import pytest
+import flax.linen as nn
+
+from train import checkpoint
+from train.loop import init_trainer, make_train_step
+from train.mesh import LOGICAL_RULES, global_batch
+from train.objectives import causal_lm_loss
+from tests.helpers import random_batch, tiny_config
+
+VOCAB = 64
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 4, 2)]
+
+
+def config(mesh):
+  c = tiny_config(n_heads=8, n_kv_heads=8, d_model=64, d_ff=128)
+  c.train.batch_size, c.train.seq_len, c.train.steps = 16, 16, 60
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  return c
+
+
+def trainer_for(mesh):
+  devices = jax.devices()[:int(np.prod(mesh))]
+  return init_trainer(config(mesh), VOCAB, devices=devices)
+
+
+BATCHES = [random_batch(np.random.default_rng(i), 16, 16, VOCAB) for i in range(60)]
+
+
+def loss_and_grads(trainer):
+  loss_fn = causal_lm_loss(trainer.model.apply)
+  fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(0))[0]))
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    return jax.device_get(fn(trainer.state.params, global_batch(BATCHES[0], trainer.mesh)))
+
+
+def train_losses(trainer, steps):
+  step = make_train_step(trainer, causal_lm_loss(trainer.model.apply))
+  losses = []
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    for batch in steps:
+      trainer.state, m = step(trainer.state, global_batch(BATCHES[batch], trainer.mesh),
+                              jax.random.PRNGKey(0))
+      losses.append(float(m['loss']))
+  return np.array(losses)
+
+
+@pytest.fixture(scope='module')
+def reference():
+  trainer = trainer_for((1, 1, 1))
+  grads = loss_and_grads(trainer)
+  return grads, train_losses(trainer, range(50))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
+def test_sharded_equals_single_device(mesh, reference):
+  (ref_loss, ref_grads), ref_losses = reference
+  trainer = trainer_for(mesh)
+  loss, grads = loss_and_grads(trainer)
+  assert loss == pytest.approx(ref_loss, rel=1e-5)
+  # Relative error per tensor (norm of the difference over the norm): elementwise ratios of
+  # near-zero entries only measure f32 summation order, which sharding legitimately changes.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel < 1e-5, (jax.tree_util.keystr(path), rel)
+  np.testing.assert_allclose(train_losses(trainer, range(50)), ref_losses, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_between_meshes(tmp_path):
+  """Saved on (1,8,1), restored on (2,2,2) and on one device: the next 10 losses match."""
+  source = trainer_for((1, 8, 1))
+  train_losses(source, range(5))
+  manager = checkpoint.make_manager(str(tmp_path), keep=1, async_save=False)
+  checkpoint.save(manager, 5, source.state, {'tokens': 0, 'flops': 0.0})
+  manager.wait_until_finished()
+  expected = train_losses(source, range(5, 15))
+  for mesh in [(2, 2, 2), (1, 1, 1)]:
+    target = trainer_for(mesh)
+    target.state, _ = checkpoint.restore(manager, 5, target.state)
+    np.testing.assert_allclose(train_losses(target, range(5, 15)), expected, rtol=1e-5)
