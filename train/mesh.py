@@ -38,12 +38,19 @@ LOGICAL_RULES = (
 )
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when launched as one of several processes (TPU pod, SLURM, or
-  JAX_COORDINATOR_ADDRESS set); a no-op for a single process."""
-  multi = (os.environ.get('JAX_COORDINATOR_ADDRESS') or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-           or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0)
-  if multi and not jax.distributed.is_initialized():
+def maybe_initialize_distributed(m: ConfigDict) -> None:
+  """jax.distributed.initialize() when this is one of several processes: explicitly with
+  mesh.coordinator, or auto-detected on a TPU pod slice / SLURM job / JAX_COORDINATOR_ADDRESS."""
+  if jax.distributed.is_initialized():
+    return
+  if m.coordinator:
+    jax.distributed.initialize(m.coordinator, num_processes=m.num_processes or None,
+                               process_id=None if m.process_id < 0 else m.process_id)
+    return
+  env = os.environ
+  multi = (env.get('JAX_COORDINATOR_ADDRESS') or int(env.get('SLURM_NTASKS', '1')) > 1
+           or ',' in env.get('TPU_WORKER_HOSTNAMES', '') or int(env.get('MEGASCALE_NUM_SLICES', '1')) > 1)
+  if multi:
     jax.distributed.initialize()
 
 
