@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --config.train.steps=100')
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if not workdir:
+  if not workdir and cfg.stage != 'chat':  # chat only reads config.pretrained
     sys.exit('error: --workdir is required (where checkpoints, metrics and the tokenizer go)')
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
   import jax  # after flag parsing, so a bad flag fails fast
@@ -38,9 +38,10 @@ def main(argv: list[str]) -> None:
   try:
     if cfg.stage not in STAGES:
       raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
-    maybe_initialize_distributed()
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
+    maybe_initialize_distributed(cfg.mesh)
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+    if workdir and jax.process_index() == 0:
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
     STAGES[cfg.stage](cfg, workdir)

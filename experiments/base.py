@@ -13,7 +13,7 @@ def get_config() -> ConfigDict:
 
   # ---- model ---------------------------------------------------------------------------------
   m = c.model = ConfigDict()
-  m.family = 'decoder'            # decoder (GPT); encoder and encoder_decoder come later
+  m.family = 'decoder'            # decoder (GPT, causal LM) | encoder (BERT, masked LM)
   m.n_layers = 4
   m.d_model = 128
   m.n_heads = 4
@@ -27,12 +27,14 @@ def get_config() -> ConfigDict:
   m.norm = 'rmsnorm'              # rmsnorm | layernorm
   m.norm_position = 'pre'         # pre | post
   m.norm_eps = 1e-5
-  m.mlp = 'swiglu'                # swiglu | gelu | relu
+  m.mlp = 'swiglu'                # swiglu | gelu (tanh approximation) | gelu_exact (erf, BERT) | relu
   m.use_bias = False              # biases in attention and MLP projections
   m.dropout = 0.0                 # residual dropout (after attention and MLP)
   m.attn_dropout = 0.0            # on attention probabilities (einsum path only)
   m.embed_dropout = 0.0           # on the embedded tokens
   m.tie_embeddings = True         # output layer = token embedding transposed
+  m.type_vocab_size = 0           # token-type (BERT segment A/B) embeddings; 0 = none
+  m.embed_norm = False            # norm after the summed embeddings (BERT)
   m.attention = 'einsum'          # einsum (reference) | xla | cudnn  (jax.nn.dot_product_attention)
   m.dtype = 'float32'             # compute dtype: float32 on CPU, bfloat16 on accelerators
   m.param_dtype = 'float32'
@@ -91,6 +93,9 @@ def get_config() -> ConfigDict:
   h.data = -1                     # -1 = all remaining devices
   h.fsdp = 1
   h.tensor = 1
+  h.coordinator = ''              # multi-process: 'host:port' of process 0 ('' = auto-detect TPU pod/SLURM)
+  h.num_processes = 0             # with coordinator: total processes
+  h.process_id = -1               # with coordinator: this process (-1 = from the environment)
 
   # ---- sampling ------------------------------------------------------------------------------
   p = c.sample = ConfigDict()
@@ -99,6 +104,10 @@ def get_config() -> ConfigDict:
   p.temperature = 0.8             # 0 = greedy
   p.top_k = 0                     # 0 = off
   p.top_p = 1.0                   # 1 = off
+  p.min_p = 0.0                   # 0 = off; else keep tokens with p >= min_p * p(top token)
   p.num_samples = 1
   p.seed = 0
+
+  # ---- inference and interop (stage=chat); see model/pretrained.py ------------------------------
+  c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME
   return c

@@ -7,11 +7,11 @@ from ml_collections import ConfigDict
 from model.errors import UserError
 
 _CHOICES = {
-    'family': ('decoder',),
+    'family': ('decoder', 'encoder'),
     'pos_encoding': ('rope', 'learned', 'sinusoidal', 'none'),
     'norm': ('rmsnorm', 'layernorm'),
     'norm_position': ('pre', 'post'),
-    'mlp': ('swiglu', 'gelu', 'relu'),
+    'mlp': ('swiglu', 'gelu', 'gelu_exact', 'relu'),
     'attention': ('einsum', 'xla', 'cudnn'),
     'remat': ('none', 'full', 'dots', 'dots_no_batch'),
     'dtype': ('float32', 'bfloat16', 'float16'),
@@ -42,6 +42,8 @@ class ModelConfig:
   attn_dropout: float = 0.0
   embed_dropout: float = 0.0
   tie_embeddings: bool = True
+  type_vocab_size: int = 0
+  embed_norm: bool = False
   attention: str = 'einsum'
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -97,5 +99,6 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
       pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm,
       norm_position=m.norm_position, norm_eps=m.norm_eps, mlp=m.mlp, use_bias=m.use_bias,
       dropout=m.dropout, attn_dropout=m.attn_dropout, embed_dropout=m.embed_dropout,
-      tie_embeddings=m.tie_embeddings, attention=m.attention, dtype=m.dtype,
+      tie_embeddings=m.tie_embeddings, type_vocab_size=m.type_vocab_size,
+      embed_norm=m.embed_norm, attention=m.attention, dtype=m.dtype,
       param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat)

@@ -1,45 +1,114 @@
-"""Autoregressive sampling by full recomputation over a sliding window (no KV cache).
+"""Batched generation with a KV cache: one jit for the prefill, one jit for the whole decode loop.
 
-Simple and obviously correct: every new token re-reads the last `max_len` tokens, like nanoGPT.
+Prompts are left-padded to a common width, so every row writes the same cache slot each step (a
+cheap dynamic_update_slice) while its RoPE positions count from its own first token. Widths and
+step counts are rounded up to powers of two, so varying prompt lengths reuse a few compilations,
+and the number of steps actually run is a traced value: the loop stops early once every row hit a
+stop token. The cache is a while_loop carry, so XLA updates it in place at every step.
 """
-from typing import Any, Callable
+import functools
+from typing import Any, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from model.sampling import sample_logits
+from model.errors import UserError
+from model.sampling import Sampling, sample_logits
+from model.transformer import KVCache, init_cache
 
 
-def generate_recompute(apply_fn: Callable[..., jax.Array], params: Any, prompt: list[int], *,
-                       max_new_tokens: int, max_len: int, rng: jax.Array, num_samples: int = 1,
-                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
-  """Sample `num_samples` continuations of `prompt`; each stops at `eos_id` (not included)."""
-  n = len(prompt)
-  total = n + max_new_tokens
-  window = min(max_len, total)
-  buf = jnp.full((num_samples, total), pad_id, jnp.int32).at[:, :n].set(jnp.asarray(prompt, jnp.int32))
+class Generation(NamedTuple):
+  """Sampled continuations, padded to a common length with pad_id."""
+  tokens: jax.Array    # [b, n] int32 new tokens; a row's stop token is included, pad_id after it
+  logprobs: jax.Array  # [b, n] f32 log-prob of each token under the sampling policy; 0 after a stop
+  lengths: jax.Array   # [b] int32 new tokens per row (stop token included)
 
-  @jax.jit
-  def run(params, buf, rng):
-    def body(i, carry):
-      buf, done = carry
-      start = jnp.maximum(i - window, 0)
-      ctx = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=1)
-      logits = apply_fn({'params': params}, ctx)
-      last = jax.lax.dynamic_index_in_dim(logits, i - start - 1, axis=1, keepdims=False)
-      tok = sample_logits(last, jax.random.fold_in(rng, i), temperature, top_k, top_p)
-      if eos_id is not None:
-        tok = jnp.where(done, pad_id, tok)
-        done = done | (tok == eos_id)
-      return buf.at[:, i].set(tok), done
-    return jax.lax.fori_loop(n, total, body, (buf, jnp.zeros((num_samples,), bool)))[0]
 
-  out = jax.device_get(run(params, buf, rng))
-  results = []
-  for row in out:
-    new = [int(x) for x in row[n:]]
-    if eos_id is not None and eos_id in new:
-      new = new[:new.index(eos_id)]
-    results.append(new)
-  return results
+def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, rng: jax.Array, sampling: Sampling = Sampling(),
+             stop_ids: Sequence[int] = (), pad_id: int = 0) -> Generation:
+  """Continue each prompt (token ids, lengths may differ) by up to `max_new_tokens` tokens.
+
+  A row stops after emitting any of `stop_ids`; all rows stop at the model's context length
+  (`cfg.max_len` tokens, prompt included). Same `rng` and inputs give the same output. Runs under
+  the caller's mesh and logical axis rules, if any (params may be sharded as in training).
+  """
+  cfg = model.cfg
+  check_prompts(prompts, cfg.max_len)
+  if max_new_tokens < 1:
+    raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
+  longest = max(len(p) for p in prompts)
+  width, steps = bucket(longest), bucket(max_new_tokens)
+  limit = min(max_new_tokens, cfg.max_len - longest)
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  for row, prompt in zip(tokens, prompts):
+    row[width - len(prompt):] = prompt
+  start = jnp.asarray(width - np.array([len(p) for p in prompts]), jnp.int32)
+  cache, first, first_logprob = prefill(params, jnp.asarray(tokens), start, rng, model=model,
+                                        sampling=sampling, cache_length=width + steps)
+  out = decode(params, cache, first, first_logprob, rng, jnp.int32(limit), model=model,
+               sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id, steps=steps)
+  return Generation(out.tokens[:, :limit], out.logprobs[:, :limit], out.lengths)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_len: int) -> None:
+  """Every prompt needs at least one token and must leave room for one new token."""
+  if not len(prompts):
+    raise UserError('no prompts given; pass a list of token-id lists')
+  for i, prompt in enumerate(prompts):
+    if not len(prompt):
+      raise UserError(f'prompt {i} is empty; start it with at least one token (e.g. BOS)')
+    if len(prompt) >= max_len:
+      raise UserError(f'prompt {i} is {len(prompt)} tokens but the model context is {max_len}; '
+                      f'shorten it to at most {max_len - 1} tokens')
+
+
+def bucket(n: int) -> int:
+  """The next power of two (at least 8): sizes that recur, so compilations are reused."""
+  return max(8, 1 << (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'cache_length'))
+def prefill(params: Any, tokens: jax.Array, start: jax.Array, rng: jax.Array, *, model: nn.Module,
+            sampling: Sampling, cache_length: int) -> tuple[KVCache, jax.Array, jax.Array]:
+  """Run the left-padded prompts [b, w] into a fresh cache and sample the first new token."""
+  cache = init_cache(model.cfg, start, cache_length)
+  positions = jnp.maximum(jnp.arange(tokens.shape[1])[None, :] - start[:, None], 0)
+  logits, cache = model.apply({'params': params}, tokens, positions, cache, last_only=True,
+                              method='decode')
+  token, logprob = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
+  return cache, token, logprob
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'stop_ids', 'pad_id', 'steps'))
+def decode(params: Any, cache: KVCache, first: jax.Array, first_logprob: jax.Array, rng: jax.Array,
+           limit: jax.Array, *, model: nn.Module, sampling: Sampling, stop_ids: tuple[int, ...],
+           pad_id: int, steps: int) -> Generation:
+  """Feed back one token per step until `limit` tokens or every row has stopped (lax.while_loop)."""
+  b = first.shape[0]
+  is_stop = lambda tok: functools.reduce(jnp.logical_or, [tok == s for s in stop_ids],
+                                         jnp.zeros((b,), bool))
+  tokens = jnp.full((b, steps), pad_id, jnp.int32).at[:, 0].set(first)
+  logprobs = jnp.zeros((b, steps), jnp.float32).at[:, 0].set(first_logprob)
+  init = (jnp.int32(1), cache, first, is_stop(first), jnp.ones((b,), jnp.int32), tokens, logprobs)
+
+  def cond(state):
+    i, _, _, done, *_ = state
+    return (i < limit) & ~done.all()
+
+  def body(state):
+    i, cache, token, done, lengths, tokens, logprobs = state
+    positions = (cache.index - cache.start)[:, None]
+    logits, cache = model.apply({'params': params}, token[:, None], positions, cache,
+                                method='decode')
+    token, logprob = sample_logits(logits[:, -1], jax.random.fold_in(rng, i), sampling)
+    token = jnp.where(done, pad_id, token)
+    tokens = tokens.at[:, i].set(token)
+    logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logprob))
+    lengths = lengths + (~done).astype(jnp.int32)
+    return i + 1, cache, token, done | is_stop(token), lengths, tokens, logprobs
+
+  _, _, _, _, lengths, tokens, logprobs = jax.lax.while_loop(cond, body, init)
+  return Generation(tokens, logprobs, lengths)

@@ -77,15 +77,17 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 
 # ---- masks -------------------------------------------------------------------------------------
 
-def attention_mask(q_segments: Array, k_segments: Array, causal: bool) -> Array:
+def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
+                   q_offset: Array | int = 0) -> Array:
   """[b, 1, t, s] bool: same segment (packed documents never see each other), and s <= t if causal.
 
-  Padding has segment 0 and attends only to padding, so no row is empty.
+  Padding has segment 0 and attends only to padding, so no row is empty. `q_offset` is the key slot
+  of the first query: with a KV cache the t new queries sit at slots q_offset..q_offset+t-1.
   """
   mask = q_segments[:, :, None] == k_segments[:, None, :]
   if causal:
     t, s = q_segments.shape[1], k_segments.shape[1]
-    mask &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+    mask &= (jnp.arange(t) + q_offset)[:, None] >= jnp.arange(s)[None, :]
   return mask[:, None]
 
 
@@ -113,14 +115,23 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: s
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+LayerCache = tuple[Array, Array]  # one layer's keys and values, each [b, s, g, k]
+
+
 class Attention(nn.Module):
-  """Multi-head attention with MHA/GQA/MQA, RoPE, and self- or cross-attention inputs."""
+  """Multi-head attention with MHA/GQA/MQA, RoPE, and self- or cross-attention inputs.
+
+  With `cache` (decoding), the new keys and values are written at slot `cache_index` and the queries
+  attend over the whole cache (`mask` hides empty and padded slots); the updated cache is returned.
+  Prefill and decode are this same call with t = prompt length or t = 1.
+  """
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array | None,
-               kv_input: Array | None = None) -> Array:
+               kv_input: Array | None = None, cache: LayerCache | None = None,
+               cache_index: Array | None = None) -> tuple[Array, LayerCache | None]:
     c = self.cfg
     dense = functools.partial(Linear, use_bias=c.use_bias, dtype=c.compute_dtype,
                               param_dtype=c.weight_dtype)
@@ -131,6 +142,10 @@ class Attention(nn.Module):
     if c.pos_encoding == 'rope' and positions is not None:
       q = apply_rope(q, positions, c.rope_theta)
       k = apply_rope(k, positions, c.rope_theta)
+    if cache is not None:
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                                                   cache_index, axis=1)
+      k, v = cache = (write(cache[0], k), write(cache[1], v))
     q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
     k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
     v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
@@ -140,14 +155,15 @@ class Attention(nn.Module):
     else:
       out = fused_attention(q, k, v, mask, c.attention)
     out = nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
-    return dense((c.d_model,), ('heads', 'head_dim', 'embed'), n_in=2,
-                 stddev=0.02 / math.sqrt(2 * c.n_layers), name='out')(out)
+    out = dense((c.d_model,), ('heads', 'head_dim', 'embed'), n_in=2,
+                stddev=0.02 / math.sqrt(2 * c.n_layers), name='out')(out)
+    return out, cache
 
 
 # ---- feed-forward ------------------------------------------------------------------------------
 
 class Mlp(nn.Module):
-  """Position-wise feed-forward: ReLU, GELU (tanh approximation, as GPT-2) or SwiGLU."""
+  """Position-wise feed-forward: ReLU, GELU (tanh approximation as GPT-2, exact erf as BERT), SwiGLU."""
   cfg: ModelConfig
 
   @nn.compact
@@ -159,7 +175,8 @@ class Mlp(nn.Module):
     if c.mlp == 'swiglu':
       h = nn.silu(up(name='gate')(x)) * up(name='up')(x)
     else:
-      act = nn.relu if c.mlp == 'relu' else functools.partial(nn.gelu, approximate=True)
+      act = {'relu': nn.relu, 'gelu': functools.partial(nn.gelu, approximate=True),
+             'gelu_exact': functools.partial(nn.gelu, approximate=False)}[c.mlp]
       h = act(up(name='up')(x))
     h = nn.with_logical_constraint(h, ('act_batch', 'act_length', 'act_mlp'))
     return dense((c.d_model,), ('mlp', 'embed'), stddev=0.02 / math.sqrt(2 * c.n_layers),
@@ -173,24 +190,32 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
                             param_dtype=cfg.weight_dtype, scale_init=scale, name=name)
   if cfg.norm == 'rmsnorm':
     return nn.RMSNorm(**kw)
-  return nn.LayerNorm(bias_init=zeros_init(('embed',)), **kw)
+  return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=zeros_init(('embed',)), **kw)
 
 
 class Block(nn.Module):
-  """One residual block: attention then MLP, each with norm and dropout, pre- or post-norm."""
+  """One residual block: attention then MLP, each with norm and dropout, pre- or post-norm.
+
+  Returns the new hidden states and the layer's updated KV cache (None when not decoding).
+  """
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array | None) -> Array:
+  def __call__(self, x: Array, mask: Array, positions: Array | None,
+               cache: LayerCache | None = None, cache_index: Array | None = None,
+               ) -> tuple[Array, LayerCache | None]:
     c = self.cfg
     drop = nn.Dropout(c.dropout, deterministic=self.deterministic)
-    attn = Attention(c, self.deterministic, name='attn')
+    attn = functools.partial(Attention(c, self.deterministic, name='attn'), cache=cache,
+                             cache_index=cache_index)
     mlp = Mlp(c, name='mlp')
     if c.norm_position == 'pre':
-      x = x + drop(attn(norm(c, 'attn_norm')(x), mask, positions))
+      y, cache = attn(norm(c, 'attn_norm')(x), mask, positions)
+      x = x + drop(y)
       x = x + drop(mlp(norm(c, 'mlp_norm')(x)))
     else:
-      x = norm(c, 'attn_norm')(x + drop(attn(x, mask, positions)))
+      y, cache = attn(x, mask, positions)
+      x = norm(c, 'attn_norm')(x + drop(y))
       x = norm(c, 'mlp_norm')(x + drop(mlp(x)))
-    return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
+    return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), cache

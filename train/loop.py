@@ -22,7 +22,7 @@ from model.transformer import build_model
 from train import checkpoint
 from train.mesh import LOGICAL_RULES, batch_sharding, check_divisibility, global_batch, make_mesh
 from train.metrics import MetricWriter, device_peak_flops, flops_per_token
-from train.objectives import LossFn, batch_weight, causal_lm_loss
+from train.objectives import LossFn, objective_for, objective_weight
 from train.state import TrainState, lr_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -74,7 +74,6 @@ def make_train_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[TrainState, 
 
   def step(state: TrainState, batch: Batch, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
-    weight = jnp.maximum(batch_weight(batch), 1.0)
     if accum == 1:
       (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
     else:
@@ -91,6 +90,8 @@ def make_train_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[TrainState, 
       first = jax.tree.map(lambda x: x[0], micro)
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
       ((loss_sum, aux), grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+    aux = dict(aux)
+    weight = jnp.maximum(objective_weight(aux, batch), 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -120,7 +121,8 @@ def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn]
 def make_eval_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   def step(params, batch):
     loss_sum, aux = loss_fn(params, batch, jax.random.PRNGKey(0))
-    return {'loss_sum': loss_sum, 'weight': batch_weight(batch), **aux}
+    aux = dict(aux)
+    return {'loss_sum': loss_sum, 'weight': objective_weight(aux, batch), **aux}
   return jax.jit(step, in_shardings=(trainer.state_sharding.params, batch_sharding(trainer.mesh)))
 
 
@@ -160,12 +162,14 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
   """Train from the latest checkpoint in `workdir` (or from scratch) to `train.steps`.
 
   Metrics for step t are pulled to the host after step t+1 is dispatched, so logging never
-  stalls the device. Returns the last logged metrics (with the final eval).
+  stalls the device. Returns the last logged metrics: with the final eval, or with
+  'preempted': True when SIGTERM stopped the run early.
   """
   cfg, t = trainer.cfg, trainer.cfg.train
   manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
   tokens_per_step = t.batch_size * t.seq_len
-  flops_token = flops_per_token(trainer.model_cfg, t.seq_len)
+  causal = trainer.model_cfg.family == 'decoder'
+  flops_token = flops_per_token(trainer.model_cfg, t.seq_len, causal=causal)
   peak = device_peak_flops() * jax.device_count()
   bytes_per_token = info.get('eval_bytes_per_token', 0.0)
 
@@ -236,7 +240,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
         if preempt.requested:
           manager.wait_until_finished()
           bar.write(f'SIGTERM: saved checkpoint at step {step}; rerun the same command to resume')
-          return last
+          return {**last, 'preempted': True}
       flush()
       if start < t.steps:
         save(t.steps)
@@ -252,10 +256,12 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
 
 
 def pretrain(cfg: ConfigDict, workdir: str, dataset) -> tuple[Trainer, dict[str, float]]:
-  """Next-token prediction on `dataset` (data/pipeline.py); returns the trainer and final metrics."""
+  """The family's pretraining objective (causal or masked LM) on `dataset` (data/pipeline.py);
+  returns the trainer and final metrics."""
   trainer = init_trainer(cfg, dataset.tokenizer.vocab_size)
   per_host = cfg.train.batch_size // jax.process_count()
   train_iter = dataset.train_iter(per_host, cfg.train.seq_len)
   eval_batches = dataset.eval_batches(cfg.eval.batch_size or per_host, cfg.train.seq_len,
                                       cfg.eval.max_batches)
-  return trainer, run_training(trainer, causal_lm_loss, train_iter, eval_batches, workdir, dataset.info)
+  objective = objective_for(trainer.model_cfg.family, dataset.tokenizer.pad_id)
+  return trainer, run_training(trainer, objective, train_iter, eval_batches, workdir, dataset.info)

@@ -1,5 +1,7 @@
-"""Training objectives. Each returns a loss SUM and its weight, so micro-batches and devices add up
-exactly: the step divides by the weight of the whole batch (gradient accumulation == big batch)."""
+"""Training objectives. Each returns a loss SUM and metric sums; the weight (scored tokens: the
+batch's `weights`, or the objective's own aux['weight'] as masked LM returns) is summed too, so
+micro-batches and devices add up exactly: the step divides by the weight of the whole batch."""
+import functools
 from typing import Any, Callable
 
 import jax
@@ -31,3 +33,50 @@ def causal_lm_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
     correct = (logits.argmax(-1) == batch['targets']).astype(jnp.float32)
     return (nll * w).sum(), {'accuracy': (correct * w).sum()}
   return loss
+
+
+def mask_tokens(rng: jax.Array, inputs: jax.Array, eligible: jax.Array, mask_id: int, vocab: int,
+                rate: float = 0.15) -> tuple[jax.Array, jax.Array]:
+  """BERT corruption: pick `rate` of the eligible tokens; of those 80% become `mask_id`, 10% a
+  random token, 10% stay. Returns (corrupted inputs, picked [b, t] bool)."""
+  pick_rng, how_rng, tok_rng = jax.random.split(rng, 3)
+  picked = eligible & jax.random.bernoulli(pick_rng, rate, inputs.shape)
+  how = jax.random.uniform(how_rng, inputs.shape)
+  random_tokens = jax.random.randint(tok_rng, inputs.shape, 0, vocab, inputs.dtype)
+  corrupted = jnp.where(how < 0.8, mask_id, jnp.where(how < 0.9, random_tokens, inputs))
+  return jnp.where(picked, corrupted, inputs), picked
+
+
+def masked_lm_loss(apply_fn: Callable[..., jax.Array], mask_id: int) -> LossFn:
+  """Masked-LM on packed rows: predict the original `inputs` at the corrupted positions.
+
+  Masks are drawn from the step's rng (a function of seed and step), so a resumed run masks
+  exactly as the uninterrupted one. The loss is normalised by the number of picked tokens, which
+  the objective returns as its `weight` (see `objective_weight`). `mask_id` is the pad id: padding
+  never shares a segment with real tokens, so its embedding is free to mean [MASK].
+  """
+  def loss(params, batch: Batch, rng: jax.Array):
+    mask_rng, dropout_rng = jax.random.split(rng)
+    inputs = batch['inputs']
+    vocab = params['embed']['embedding'].shape[0]
+    corrupted, picked = mask_tokens(mask_rng, inputs, batch['weights'] > 0, mask_id, vocab)
+    logits = apply_fn({'params': params}, corrupted, batch['positions'], batch['segment_ids'],
+                      rngs={'dropout': dropout_rng})
+    w = picked.astype(jnp.float32)
+    nll = token_nll(logits, inputs)
+    correct = (logits.argmax(-1) == inputs).astype(jnp.float32)
+    return (nll * w).sum(), {'accuracy': (correct * w).sum(), 'weight': w.sum()}
+  return loss
+
+
+def objective_weight(aux: dict[str, jax.Array], batch: Batch) -> jax.Array:
+  """The loss denominator: the objective's own `weight` (masked LM) or the batch's target tokens.
+  Removes it from `aux`, leaving only metric sums."""
+  return aux.pop('weight') if 'weight' in aux else batch_weight(batch)
+
+
+def objective_for(family: str, pad_id: int) -> Callable[[Callable[..., jax.Array]], LossFn]:
+  """The pretraining objective of a model family: causal LM (decoder) or masked LM (encoder)."""
+  if family == 'encoder':
+    return functools.partial(masked_lm_loss, mask_id=pad_id)
+  return causal_lm_loss

