@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                      # model init, dropout and data order
-  c.stage = 'pretrain'            # pretrain | sample
+  c.stage = 'pretrain'            # pretrain | sample | chat | sweep | scaling
 
   # ---- model ---------------------------------------------------------------------------------
   m = c.model = ConfigDict()
@@ -107,6 +107,35 @@ def get_config() -> ConfigDict:
   p.min_p = 0.0                   # 0 = off; else keep tokens with p >= min_p * p(top token)
   p.num_samples = 1
   p.seed = 0
+
+  # ---- sweeps (stage=sweep) and scaling studies (stage=scaling); see experiments/stages.py ------
+  w = c.sweep = ConfigDict()
+  w.experiment = ''               # config file every trial runs (with stage=pretrain): usually this file
+  w.trials = 'trials'             # stage=sweep: its function trials(config) -> list of override dicts
+  w.parallel = 1                  # trials running at once on this machine
+  w.cpus_per_trial = 0            # pin each running trial to this many CPUs (0 = no pinning)
+  w.retries = 1                   # restarts of a trial that ends unfinished (it resumes from its checkpoint)
+  w.launcher = 'local'            # local (run trials here) | emit (write commands.sh and slurm.sbatch)
+  w.slurm_header = ''             # emit: extra #SBATCH options, ';'-separated, e.g. '--gres=gpu:1;--time=60'
+  w.plot_x = 'train.lr'           # stage=sweep: plot the final eval loss against this override ('' = none)
+
+  g = c.scaling = ConfigDict()
+  g.ladder = '1x16,2x16,1x32,2x32,2x48,3x48,3x64,3x80,4x96'  # candidate models, LAYERSxWIDTH
+  g.head_dim = 16                 # attention heads = width / head_dim
+  g.budgets = (3e11, 6e11, 1.2e12, 2.4e12, 4.8e12)  # compute budgets C, FLOPs (= 6·N·D)
+  g.sizes_per_budget = 5          # consecutive ladder models trained per budget
+  g.tokens_per_param = 30.0       # guess of D/N at the optimum: centres each budget's models on it
+  g.lr = 3e-3                     # lr rule: lr · (lr_width / width)**lr_exponent
+  g.lr_width = 64                 #            · (batch / lr_batch)**lr_batch_exponent
+  g.lr_exponent = 1.0
+  g.lr_batch = 8
+  g.lr_batch_exponent = 0.5
+  g.lr_check = (0.5, 2.0)         # lr multipliers also run on the smallest budget's end models; () = none
+  g.min_steps = 1000              # batch rule: halve the batch (to min_batch) until a run has min_steps
+  g.min_batch = 2                 # rows of train.seq_len tokens
+  g.max_batch = 8                 # on CPU, bigger batches fall out of cache and cost more per token
+  g.warmup_fraction = 0.05        # warmup steps as a share of each run (a fixed warmup swamps small runs)
+  g.bootstrap = 200               # resamples (runs drawn within each budget) for the 90% intervals
 
   # ---- inference and interop (stage=chat); see model/pretrained.py ------------------------------
   c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME

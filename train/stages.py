@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 
 from data.pipeline import build_dataset
 from data.tokenizer import Tokenizer, load_tokenizer
+from experiments.stages import scaling_stage, sweep_stage
 from model.chat import chat_stage
 from model.errors import UserError
 from model.generate import generate
@@ -79,4 +80,6 @@ STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'pretrain': pretrain_stage,
     'sample': sample_stage,
     'chat': chat_stage,
+    'sweep': sweep_stage,
+    'scaling': scaling_stage,
 }
