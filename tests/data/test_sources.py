@@ -1,6 +1,4 @@
 """Sources: synthetic ground truth, text/jsonl/tfds splits, and every bad-input error."""
-import gzip
-import json
 import os
 
 import numpy as np

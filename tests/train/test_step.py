@@ -1,6 +1,5 @@
 """The train step: accumulation == big batch, remat/scan change nothing, FLOPs match XLA."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import flax.linen as nn
