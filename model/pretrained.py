@@ -253,12 +253,5 @@ def load_workdir(workdir: str) -> tuple[ModelConfig, Any, Any]:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           jax.eval_shape(init_state))
-  manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, async_save=False)
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise UserError(f'no checkpoint under {checkpoint.checkpoint_dir(workdir)}; train first')
-    state, _ = checkpoint.restore(manager, step, abstract)
-  finally:
-    manager.close()
+  state, _ = checkpoint.restore_latest(workdir, abstract)
   return mcfg, state.params, tokenizer

@@ -17,7 +17,7 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str, keep: int | None, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
@@ -55,6 +55,18 @@ def restore(manager: ocp.CheckpointManager, step: int, like_state: Any,
                     'delete that step folder to fall back to an older one, or use a fresh --workdir') from e
   _check_structure(abstract_state, out['state'], path)
   return out['state'], out['meta']
+
+
+def restore_latest(workdir: str, like_state: Any) -> tuple[Any, dict]:
+  """The newest finished checkpoint of `workdir` (state and metadata), for inference and sampling."""
+  manager = make_manager(workdir, keep=None, async_save=False)  # read-only: never deletes
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise UserError(f'no checkpoint under {checkpoint_dir(workdir)}; train first')
+    return restore(manager, step, like_state)
+  finally:
+    manager.close()
 
 
 def _check_structure(expected: Any, got: Any, path: str) -> None:

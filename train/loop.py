@@ -102,14 +102,13 @@ def make_train_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[TrainState, 
                  out_shardings=(trainer.state_sharding, None), donate_argnums=0)
 
 
-def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn], batch: Batch,
-                       verbose: bool = True):
+def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn], batch: Batch):
   """Ahead-of-time compile of the train step for this batch's shapes; prints XLA's memory analysis
   (per device) so a researcher sees whether a run fits before it starts."""
   step = make_train_step(trainer, objective(trainer.model.apply))
   compiled = step.lower(trainer.state, batch, jax.random.PRNGKey(0)).compile()
   mem = compiled.memory_analysis()
-  if verbose and mem is not None and jax.process_index() == 0:
+  if mem is not None and jax.process_index() == 0:
     gib = lambda n: f'{n / 2**30:.3f} GiB'
     print(f'train step per device: arguments {gib(mem.argument_size_in_bytes)}, outputs '
           f'{gib(mem.output_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)}, '
@@ -167,8 +166,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
   cfg, t = trainer.cfg, trainer.cfg.train
   manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
   tokens_per_step = t.batch_size * t.seq_len
-  causal = trainer.model_cfg.family == 'decoder'
-  flops_token = flops_per_token(trainer.model_cfg, t.seq_len, causal=causal)
+  flops_token = flops_per_token(trainer.model_cfg, t.seq_len, causal=trainer.model.causal)
   peak = device_peak_flops() * jax.device_count()
   bytes_per_token = info.get('eval_bytes_per_token', 0.0)
 

@@ -67,12 +67,7 @@ def sample_stage(cfg: ConfigDict, workdir: str) -> None:
                     'encoder gives embeddings: load_pretrained(workdir).encode(texts)')
   tokenizer = load_tokenizer(tokenizer_dir(workdir))
   trainer = init_trainer(cfg, tokenizer.vocab_size)
-  manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, async_save=False)
-  step = manager.latest_step()
-  if step is None:
-    raise UserError(f'no checkpoint under {checkpoint.checkpoint_dir(workdir)}; train first')
-  trainer.state, _ = checkpoint.restore(manager, step, trainer.state)
-  manager.close()
+  trainer.state, _ = checkpoint.restore_latest(workdir, trainer.state)
   print_samples(trainer, tokenizer, cfg.sample)
 
 
