@@ -1,12 +1,14 @@
 """Documents -> packed, sharded, resumable batches of token rows.
 
-Every document is tokenized once into [BOS] + tokens + [EOS]; its (input, target) pairs are
-(tokens[i], tokens[i+1]). A row holds seq_len pairs from one or more documents:
+Every document is tokenized once into [BOS] + tokens + [EOS] (an imported model's tokenizer: see
+`tokenize_docs`); its (input, target) pairs are (tokens[i], tokens[i+1]). A row holds seq_len
+pairs from one or more documents:
 
   inputs, targets  int32 [B, T]  pad_id where empty
   segment_ids      int32 [B, T]  1, 2, 3... per document piece in the row; 0 = padding
   positions        int32 [B, T]  position within the piece, from 0
-  weights          float32 [B, T] 1 on real pairs, 0 on padding
+  weights          float32 [B, T] 1 on real pairs, 0 on padding and on targets the documents mark
+                                 untrainable (SFT: prompts and role headers, see data/sft.py)
 
 Each epoch (numpy, seeded by (seed, epoch)): documents longer than a row are cut into pieces of
 seq_len pairs starting at a fresh random offset (so a one-file corpus gives new windows every
@@ -40,6 +42,7 @@ class TokenizedDocs:
   tokens: np.ndarray   # int32 [N]
   starts: np.ndarray   # int64 [D] offset of each document in tokens
   n_pairs: np.ndarray  # int64 [D] (input, target) pairs of each document = its length - 1
+  trainable: np.ndarray | None = None  # bool [N]: token i is a scored target; None = every token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +59,15 @@ class Pieces:
 
 
 def tokenize_docs(tokenizer: Tokenizer, docs: Sequence[str]) -> TokenizedDocs:
-  """One pass of the tokenizer over every document (vectorised where the tokenizer is)."""
-  bos, eos = np.array([tokenizer.bos_id], np.int32), np.array([tokenizer.eos_id], np.int32)
-  encoded = [tokenizer.encode_array(doc) for doc in docs]
-  lengths = np.array([len(ids) + 2 for ids in encoded], np.int64)
+  """One pass of the tokenizer over every document (vectorised where the tokenizer is). An imported
+  model's tokenizer (model/convert/tokenizer.py, for fine-tuning on text) frames documents as its
+  model was trained: BOS only if it adds one (SmolLM2 does not), no special token it lacks."""
+  add_bos = getattr(tokenizer, 'add_bos', True) and tokenizer.bos_id is not None
+  bos = np.array([tokenizer.bos_id] if add_bos else [], np.int32)
+  eos = np.array([] if tokenizer.eos_id is None else [tokenizer.eos_id], np.int32)
+  encode = getattr(tokenizer, 'encode_array', None) or (lambda doc: np.array(tokenizer.encode(doc), np.int32))
+  encoded = [encode(doc) for doc in docs]
+  lengths = np.array([len(ids) + len(bos) + len(eos) for ids in encoded], np.int64)
   tokens = np.concatenate([part for ids in encoded for part in (bos, ids, eos)] or [np.zeros(0, np.int32)])
   return TokenizedDocs(tokens, np.cumsum(lengths) - lengths, lengths - 1)
 
@@ -117,7 +125,7 @@ def shard_rows(docs: TokenizedDocs, doc: np.ndarray, start: np.ndarray, length: 
   return Pieces(docs.starts[doc[order]] + start[order], length[order], bounds)
 
 
-def assemble(tokens: np.ndarray, pieces: Pieces, rows: range, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def assemble(docs: TokenizedDocs, pieces: Pieces, rows: range, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """The batch dict for `rows` of `pieces` (a slice of consecutive rows), [len(rows), seq_len]."""
   lo, hi = pieces.bounds[rows.start], pieces.bounds[rows.stop]
   start, length = pieces.start[lo:hi], pieces.length[lo:hi]
@@ -133,11 +141,11 @@ def assemble(tokens: np.ndarray, pieces: Pieces, rows: range, seq_len: int, pad_
   batch = {'inputs': np.full(shape, pad_id, np.int32), 'targets': np.full(shape, pad_id, np.int32),
            'segment_ids': np.zeros(shape, np.int32), 'positions': np.zeros(shape, np.int32),
            'weights': np.zeros(shape, np.float32)}
-  batch['inputs'].flat[target] = tokens[source]
-  batch['targets'].flat[target] = tokens[source + 1]
+  batch['inputs'].flat[target] = docs.tokens[source]
+  batch['targets'].flat[target] = docs.tokens[source + 1]
   batch['segment_ids'].flat[target] = np.repeat(segment, length)
   batch['positions'].flat[target] = position
-  batch['weights'].flat[target] = 1.0
+  batch['weights'].flat[target] = 1.0 if docs.trainable is None else docs.trainable[source + 1]
   return batch
 
 
@@ -163,6 +171,16 @@ class TrainRows(grain.IterDataset):
     n_rows -= n_rows % self.process_count  # every process gets as many rows
     return shard_rows(self.docs, doc, start, length, rows, n_rows, self.process_index, self.process_count)
 
+  def row(self, pieces: Pieces, row: int) -> dict[str, np.ndarray]:
+    """Row `row` of an epoch's pieces, [seq_len] per key."""
+    batch = assemble(self.docs, pieces, range(row, row + 1), self.seq_len, self.pad_id)
+    return {key: value[0] for key, value in batch.items()}
+
+  def fingerprint(self) -> dict:
+    """What a saved iterator position is only valid for."""
+    return {'seq_len': self.seq_len, 'seed': self.seed, 'n_tokens': len(self.docs.tokens),
+            'process_count': self.process_count}
+
   def __iter__(self) -> TrainRowIterator:
     return TrainRowIterator(self)
 
@@ -171,7 +189,8 @@ class TrainRows(grain.IterDataset):
 
 
 class TrainRowIterator(grain.DatasetIterator):
-  """Position (epoch, row) in TrainRows; get_state/set_state carry it plus a fingerprint that
+  """Position (epoch, row) in TrainRows (or any rows with its epoch/row/fingerprint methods and
+  process_count, as data/seq2seq.py's); get_state/set_state carry it plus a fingerprint that
   refuses a state from a different corpus, seq_len or seed."""
 
   def __init__(self, rows: TrainRows):
@@ -184,18 +203,17 @@ class TrainRowIterator(grain.DatasetIterator):
     while self._row >= self._pieces.n_rows:
       self._epoch, self._row = self._epoch + 1, 0
       self._pieces = self._rows.epoch(self._epoch)
-    rows = self._rows
-    batch = assemble(rows.docs.tokens, self._pieces, range(self._row, self._row + 1), rows.seq_len, rows.pad_id)
+    row = self._rows.row(self._pieces, self._row)
     self._row += 1
-    return {key: value[0] for key, value in batch.items()}
+    return row
 
   def get_state(self) -> dict:
-    return {'epoch': self._epoch, 'row': self._row, **self._fingerprint()}
+    return {'epoch': self._epoch, 'row': self._row, **self._rows.fingerprint()}
 
   def set_state(self, state: dict) -> None:
     """Restores a position; a state from a different process count continues at the same share
     of the same epoch (exact only for the same count)."""
-    for key, value in self._fingerprint().items():
+    for key, value in self._rows.fingerprint().items():
       if key != 'process_count' and state.get(key) != value:
         raise UserError(f"data iterator state has {key}={state.get(key)} but this run has {value}; "
                         "resume with the same data, seed and train.seq_len, or start a fresh workdir")
@@ -203,11 +221,6 @@ class TrainRowIterator(grain.DatasetIterator):
     if int(state['epoch']) != self._epoch:
       self._epoch = int(state['epoch'])
       self._pieces = self._rows.epoch(self._epoch)
-
-  def _fingerprint(self) -> dict:
-    rows = self._rows
-    return {'seq_len': rows.seq_len, 'seed': rows.seed, 'n_tokens': len(rows.docs.tokens),
-            'process_count': rows.process_count}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +237,7 @@ class Dataset:
 
   def train_dataset(self, batch_size: int, seq_len: int) -> grain.IterDataset:
     """Endless batches of `batch_size` rows (per process) as a grain IterDataset (add prefetch etc.)."""
-    _check_shape(batch_size, seq_len)
+    check_batch_shape(batch_size, seq_len)
     global_batch = batch_size * self.process_count
     n_pairs = int(self.train_tokens.n_pairs.sum())
     if n_pairs < global_batch * seq_len:
@@ -240,7 +253,7 @@ class Dataset:
   def eval_batches(self, batch_size: int, seq_len: int, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The whole eval split once, in order (long documents cut into consecutive rows). Every process
     gets the same number of batches; padding rows have weight 0. max_batches > 0 keeps the first ones."""
-    _check_shape(batch_size, seq_len)
+    check_batch_shape(batch_size, seq_len)
     n_pairs = self.eval_tokens.n_pairs
     doc, start, length = cut_documents(n_pairs, seq_len, np.zeros_like(n_pairs))
     rows = first_fit(length, seq_len)
@@ -251,7 +264,7 @@ class Dataset:
       n_batches = min(n_batches, max_batches)
     empty_rows = max(0, n_batches * batch_size - pieces.n_rows)
     padded = dataclasses.replace(pieces, bounds=np.pad(pieces.bounds, (0, empty_rows), mode='edge'))
-    return [assemble(self.eval_tokens.tokens, padded, range(b * batch_size, (b + 1) * batch_size), seq_len,
+    return [assemble(self.eval_tokens, padded, range(b * batch_size, (b + 1) * batch_size), seq_len,
                      self.tokenizer.pad_id) for b in range(n_batches)]
 
 
@@ -259,14 +272,19 @@ def build_dataset(cfg_data: ConfigDict, seed: int, tokenizer_dir: str | None = N
                   process_index: int = 0, process_count: int = 1) -> Dataset:
   """Loads the source, gets the tokenizer (the saved one in tokenizer_dir if present, else builds
   it on the train documents and saves it there) and tokenizes both splits."""
-  if seed < 0:
-    raise UserError(f"seed {seed} is negative; use a seed >= 0")
-  if not 0 <= process_index < process_count:
-    raise UserError(f"process_index {process_index} is not in 0..{process_count - 1}; check the launch")
+  check_launch(seed, process_index, process_count)
   source = sources.load_source(cfg_data)
-  tokenizer = _tokenizer(cfg_data.tokenizer, source.train_docs, tokenizer_dir, process_index)
+  tokenizer = run_tokenizer(cfg_data.tokenizer, source.train_docs, tokenizer_dir, process_index)
+  dataset = tokenized_dataset(source, tokenizer, seed, process_index, process_count)
+  dataset.info['tokenizer'] = tokenizer.spec
+  return dataset
+
+
+def tokenized_dataset(source: sources.Source, tokenizer: Tokenizer, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> Dataset:
+  """Both splits of `source` tokenized, with the counts eval reports need (bits per byte)."""
   train, evals = tokenize_docs(tokenizer, source.train_docs), tokenize_docs(tokenizer, source.eval_docs)
-  info = {**source.info, 'tokenizer': tokenizer.spec, 'vocab_size': tokenizer.vocab_size,
+  info = {**source.info, 'vocab_size': tokenizer.vocab_size,
           'train_target_tokens': int(train.n_pairs.sum()), 'eval_target_tokens': int(evals.n_pairs.sum()),
           'eval_bytes': sum(len(doc.encode('utf-8')) for doc in source.eval_docs)}
   # bits per byte = eval nats per target token / ln 2 / eval_bytes_per_token (EOS targets included)
@@ -279,12 +297,19 @@ def build_dataset(cfg_data: ConfigDict, seed: int, tokenizer_dir: str | None = N
   return Dataset(tokenizer, info, train, evals, seed, process_index, process_count)
 
 
-def _check_shape(batch_size: int, seq_len: int) -> None:
+def check_launch(seed: int, process_index: int, process_count: int) -> None:
+  if seed < 0:
+    raise UserError(f"seed {seed} is negative; use a seed >= 0")
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} is not in 0..{process_count - 1}; check the launch")
+
+
+def check_batch_shape(batch_size: int, seq_len: int) -> None:
   if batch_size < 1 or seq_len < 1:
     raise UserError(f"batch of {batch_size}×{seq_len} rows is empty; use a per-process batch size and seq_len >= 1")
 
 
-def _tokenizer(spec: str, train_docs: list[str], tokenizer_dir: str | None, process_index: int) -> Tokenizer:
+def run_tokenizer(spec: str, train_docs: list[str], tokenizer_dir: str | None, process_index: int) -> Tokenizer:
   """The saved tokenizer when there is one (a resumed run), else a new one saved by process 0."""
   if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
     tokenizer = load_tokenizer(tokenizer_dir)

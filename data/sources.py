@@ -38,13 +38,12 @@ class Source:
 def load_source(cfg_data: ConfigDict) -> Source:
   """The documents `cfg_data.source` names, split into train and eval."""
   spec, fraction = cfg_data.source, cfg_data.eval_fraction
-  if not 0 < fraction < 1:
-    raise UserError(f"data.eval_fraction={fraction} must be strictly between 0 and 1; use e.g. 0.1")
+  check_fraction(fraction, 'data.eval_fraction')
   kind, _, rest = spec.partition(':')
   if spec == 'synthetic':
     source = _synthetic(cfg_data.synthetic, fraction)
   elif kind == 'text' and rest:
-    source = _text(rest, fraction)
+    source = text_source(rest, fraction)
   elif kind == 'jsonl' and ':' in rest:
     source = _jsonl(*rest.rsplit(':', 1), fraction)
   elif kind == 'tfds' and rest:
@@ -56,6 +55,12 @@ def load_source(cfg_data: ConfigDict) -> Source:
   if not source.eval_docs:
     raise UserError(f"data.source {spec!r} has an empty eval split; raise data.eval_fraction or add data")
   return source
+
+
+def check_fraction(fraction: float, field: str) -> None:
+  """A held-out share must leave both splits something."""
+  if not 0 < fraction < 1:
+    raise UserError(f"{field}={fraction} must be strictly between 0 and 1; use e.g. 0.1")
 
 
 def holdout_mask(n: int, fraction: float) -> np.ndarray:
@@ -71,19 +76,20 @@ def split_tail(text: str, fraction: float) -> tuple[str, str]:
   return text[:cut], text[cut:]
 
 
-def read_text_files(pattern: str) -> list[tuple[str, str]]:
-  """(path, text) of every file `pattern` matches, sorted; a pattern with no (non-blank) text is an error."""
-  files = [(path, _read_utf8(path)) for path in _match(pattern, f'text:{pattern}')]
+def read_text_files(pattern: str, field: str = 'data.source') -> list[tuple[str, str]]:
+  """(path, text) of every file `pattern` matches, sorted; a pattern with no (non-blank) text is an
+  error naming the config `field` that gave it."""
+  files = [(path, _read_utf8(path)) for path in match_files(pattern, f'text:{pattern}', field)]
   if not any(text.strip() for _, text in files):
-    raise UserError(f"data.source 'text:{pattern}' has only empty files; point it at a non-empty corpus")
+    raise UserError(f"{field} 'text:{pattern}' has only empty files; point it at a non-empty corpus")
   return files
 
 
-def _match(pattern: str, spec: str) -> list[str]:
-  """Files the glob matches, sorted; none is an error naming the `data.source` spec."""
+def match_files(pattern: str, spec: str, field: str = 'data.source') -> list[str]:
+  """Files the glob matches, sorted; none is an error naming the config `field` and its `spec`."""
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
   if not paths:
-    raise UserError(f"data.source {spec!r} matched no files; check the path or glob")
+    raise UserError(f"{field} {spec!r} matched no files; check the path or glob")
   return paths
 
 
@@ -102,15 +108,16 @@ def _synthetic(cfg: ConfigDict, fraction: float) -> Source:
   return Source(chain.render(train), chain.render(evals), info)
 
 
-def _text(pattern: str, fraction: float) -> Source:
-  splits = [split_tail(text, fraction) for _, text in read_text_files(pattern)]
+def text_source(pattern: str, fraction: float, field: str = 'data.source') -> Source:
+  """One document per file; eval = the last `fraction` of each file."""
+  splits = [split_tail(text, fraction) for _, text in read_text_files(pattern, field)]
   train = [head for head, _ in splits if head]
   evals = [tail for _, tail in splits if tail]
   return Source(train, evals, _counts(train, evals, n_files=len(splits)))
 
 
 def _jsonl(pattern: str, field: str, fraction: float) -> Source:
-  paths = _match(pattern, f'jsonl:{pattern}:{field}')
+  paths = match_files(pattern, f'jsonl:{pattern}:{field}')
   docs = [doc for path in paths for doc in _jsonl_field(path, field)]
   held_out = holdout_mask(len(docs), fraction)
   train = [d for d, h in zip(docs, held_out) if not h]

@@ -9,21 +9,24 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                      # model init, dropout and data order
-  c.stage = 'pretrain'            # pretrain | sample | chat | sweep | scaling
+  c.stage = 'pretrain'            # pretrain | sample | chat | sweep | scaling | sft | reward | ppo | grpo | dpo
 
   # ---- model ---------------------------------------------------------------------------------
   m = c.model = ConfigDict()
-  m.family = 'decoder'            # decoder (GPT, causal LM) | encoder (BERT, masked LM)
-  m.n_layers = 4
+  m.family = 'decoder'            # decoder (GPT, causal LM) | encoder (BERT, masked LM) | encoder_decoder (T5, seq2seq)
+  m.n_layers = 4                  # encoder_decoder: the encoder's layers
+  m.n_decoder_layers = 0          # encoder_decoder: the decoder's layers (0 = n_layers)
   m.d_model = 128
   m.n_heads = 4
   m.n_kv_heads = 0                # 0 = n_heads (MHA); 1 = MQA; in between = GQA
   m.head_dim = 0                  # 0 = d_model // n_heads
   m.d_ff = 0                      # 0 = 4 * d_model (relu/gelu) or 8/3 * d_model rounded to 64 (swiglu)
   m.vocab_size = 0                # 0 = take it from the tokenizer
-  m.max_len = 0                   # 0 = train.seq_len; longest sequence for learned/sinusoidal tables
-  m.pos_encoding = 'rope'         # rope | learned | sinusoidal | none
+  m.max_len = 0                   # 0 = train.seq_len (+1 for encoder_decoder); longest sequence for learned/sinusoidal tables
+  m.pos_encoding = 'rope'         # rope | learned | sinusoidal | relative (T5 bias on the logits) | none
   m.rope_theta = 10000.0
+  m.relative_buckets = 32         # relative: learned bias buckets per stack (half per direction in an encoder)
+  m.relative_max_distance = 128   # relative: distances beyond this share the last bucket
   m.norm = 'rmsnorm'              # rmsnorm | layernorm
   m.norm_position = 'pre'         # pre | post
   m.norm_eps = 1e-5
@@ -41,9 +44,16 @@ def get_config() -> ConfigDict:
   m.scan_layers = False           # nn.scan over layers: compile time independent of depth
   m.remat = 'none'                # none | full | dots | dots_no_batch (see model/transformer.py)
 
+  # ---- LoRA adapters (fine-tuning and RLHF stages); the base weights stay frozen ---------------
+  a = c.lora = ConfigDict()
+  a.rank = 0                      # 0 = train every weight; > 0 = train only rank-r adapters
+  a.alpha = 16.0                  # adapter scale = alpha / rank
+  a.targets = 'query,value'       # 'all' or a comma list of query,key,value,out,gate,up,down
+
   # ---- data ----------------------------------------------------------------------------------
   d = c.data = ConfigDict()
   d.source = 'synthetic'          # synthetic | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[:FIELD]
+                                  # encoder_decoder also: seq2seq:reverse | seq2seq:sort | seq2seq_jsonl:GLOB
   d.tokenizer = 'char'            # byte | char | spm:PATH.model | spm_bpe:VOCAB | spm_unigram:VOCAB
   d.eval_fraction = 0.1           # held-out share (tail of each text file; every k-th document otherwise)
   d.data_dir = ''                 # tfds data_dir ('' = tfds default)
@@ -54,6 +64,15 @@ def get_config() -> ConfigDict:
   s.concentration = 0.5           # Dirichlet concentration of the transition weights
   s.n_docs = 4000
   s.doc_len = 127                 # symbols per document; 127 + BOS + EOS = 128 pairs = one train.seq_len row
+  q = d.seq2seq = ConfigDict()    # model.family=encoder_decoder: data/seq2seq.py
+  q.n_symbols = 16                # seq2seq:reverse|sort: alphabet size (letters a, b, ...)
+  q.min_len = 8                   # seq2seq:reverse|sort: shortest and longest strings
+  q.max_len = 32
+  q.n_eval = 500                  # seq2seq:reverse|sort: held-out strings (never trained on)
+  q.noise_density = 0.15          # span corruption (any text source): share of tokens corrupted
+  q.mean_span = 3.0               # span corruption: mean length of a corrupted span
+  q.sentinels = 100               # span corruption: sentinel ids reserved above the tokenizer's vocabulary
+  q.exact_match = 500             # held-out examples greedy-decoded at the end for exact match (0 = none)
 
   # ---- training ------------------------------------------------------------------------------
   t = c.train = ConfigDict()
@@ -139,4 +158,57 @@ def get_config() -> ConfigDict:
 
   # ---- inference and interop (stage=chat); see model/pretrained.py ------------------------------
   c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME
+
+  # ---- supervised fine-tuning data (stage=sft); see data/formats.py and data/sft.py --------------
+  f = c.sft = ConfigDict()
+  f.train = 'synthetic_instruct'  # prompt_completion:GLOB | chat:GLOB | gsm8k:GLOB | hh:GLOB | synthetic_instruct
+                                  # | text:GLOB (plain text, every token trained: domain adaptation)
+                                  # | classify:GLOB ({"text", "label"} records; an encoder base gets a class head)
+  f.eval = ''                     # same forms (text and classify: the same kind); '' = hold out eval_fraction
+  f.eval_fraction = 0.1           # with eval='': every k-th train record (text: each file's tail) is held out
+  f.template = 'auto'             # auto (the tokenizer's chat template if it has one, else default) | model | default
+  f.overlong = 'truncate'         # examples over train.seq_len + 1 tokens: truncate (keep the head) | drop
+  f.pool = 'mean'                 # classify: the class head reads the mean over the text | first (BERT's [CLS])
+  f.max_examples = 0              # train records read, before the hold-out (0 = all)
+  f.eval_generate = 0             # eval prompts greedy-decoded and scored by exact match (0 = none)
+  f.max_new_tokens = 256          # longest generated reply in that eval
+  f.probe = ''                    # a question answered greedily before and after (forgetting check)
+
+  # ---- RLHF (stages reward, ppo, grpo, dpo); see train/reward_stage.py, ppo_stage.py, dpo_stage.py --
+  r = c.rlhf = ConfigDict()
+  r.data = 'synthetic'            # synthetic (ground truth: pairs sampled from config.pretrained, labelled by
+                                  # the chain's gold score; data.synthetic must be the base's) | hh:GLOB (Anthropic HH)
+  r.pairs = 4096                  # reward, dpo: preference pairs, hold-out included (hh: the first that fit train.seq_len)
+  r.eval_pairs = 512              # reward, dpo: of those, held out for pairwise accuracy
+  r.prompt_len = 8                # synthetic: chain symbols in a prompt (after BOS)
+  r.n_target = 6                  # synthetic: symbols of the gold score's target class (+1 each)
+  r.illegal_penalty = 5.0         # synthetic: gold penalty per illegal transition
+  r.label_temperature = 1.0       # synthetic: label noise, P(a preferred) = sigmoid((gold_a - gold_b) / T); 0 = none
+  r.stats_samples = 512           # reward: reference-policy samples that fix the score normalisation (mean 0, std 1)
+  r.reward_model = ''             # ppo, grpo: workdir of a stage=reward run
+  r.second_reward_model = ''      # ppo, grpo: a reward run on other pairs (other seed): disagreement detector ('' = off)
+  r.rollout_batch = 64            # ppo, grpo: samples per iteration (train.steps iterations, train.batch_size per minibatch)
+  r.epochs = 4                    # ppo, grpo: passes over each rollout batch
+  r.response_len = 24             # ppo, grpo: longest response in tokens (EOS included); longer ones are cut
+  r.temperature = 1.0             # ppo, grpo: sampling temperature; log-probs are those of logits / temperature
+  r.no_eos_penalty = 1.0          # ppo, grpo: taken off the normalised score of a response cut before its EOS
+  r.kl_estimator = 'k1'           # ppo: per-token KL penalty, k1 (log p - log q) | k3 ((r - 1) - log r)
+  r.beta = 0.05                   # ppo: KL coefficient (grpo: of its k3 KL loss term)
+  r.kl_target = 0.0               # ppo: > 0 = adaptive beta steering the KL (nats/response) to this; 0 = fixed beta
+  r.kl_horizon = 10000            # ppo: adaptive controller horizon in samples
+  r.clip_eps = 0.2                # ppo, grpo: policy ratio clip
+  r.value_clip_eps = 0.2          # ppo: value clip around the rollout's values
+  r.entropy_coef = 0.0            # ppo, grpo: entropy bonus per token
+  r.gamma = 1.0                   # ppo: discount
+  r.lam = 0.95                    # ppo: GAE lambda
+  r.critic_lr = 0.0               # ppo: critic learning rate (0 = train.lr)
+  r.critic_from_reward = True     # ppo: critic starts as the reward model (else the base with a fresh head)
+  r.group_size = 4                # grpo: samples per prompt (advantages relative to the group; no critic)
+  r.dpo_beta = 0.1                # dpo: beta of the implicit reward beta * (log pi - log pi_ref)
+  r.max_kl = 10.0                 # hacking alarm: KL to the reference, nats/response
+  r.nll_margin = 0.5              # hacking alarm: reference NLL of samples above its own samples', nats/token
+  r.max_disagreement = 0.3        # hacking alarm: share of sample pairs the two reward models order differently
+  r.stop_on_hacking = False       # end ppo/grpo once alarms fire in hacking_patience iterations in a row
+  r.hacking_patience = 3
+  r.eval_prompts = 256            # ppo, grpo, dpo: held-out prompts sampled for the before/after report
   return c

@@ -7,8 +7,8 @@ from ml_collections import ConfigDict
 from model.errors import UserError
 
 _CHOICES = {
-    'family': ('decoder', 'encoder'),
-    'pos_encoding': ('rope', 'learned', 'sinusoidal', 'none'),
+    'family': ('decoder', 'encoder', 'encoder_decoder'),
+    'pos_encoding': ('rope', 'learned', 'sinusoidal', 'relative', 'none'),
     'norm': ('rmsnorm', 'layernorm'),
     'norm_position': ('pre', 'post'),
     'mlp': ('swiglu', 'gelu', 'gelu_exact', 'relu'),
@@ -49,6 +49,12 @@ class ModelConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = False
   remat: str = 'none'
+  n_decoder_layers: int = 0              # encoder-decoder: decoder depth (0 = n_layers)
+  relative_buckets: int = 32             # pos_encoding='relative' (T5): buckets per stack
+  relative_max_distance: int = 128       # distance beyond which relative positions share a bucket
+  lora_rank: int = 0                     # 0 = no adapters (see model/layers.py Linear)
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()     # projection names that get adapters
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -57,6 +63,13 @@ class ModelConfig:
   @property
   def weight_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def decoder_layers(self) -> int:
+    """Depth of the stack that produces the logits (and of its KV cache)."""
+    if self.family == 'encoder_decoder':
+      return self.n_decoder_layers or self.n_layers
+    return self.n_layers
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:
@@ -89,7 +102,10 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
   head_dim = m.head_dim or m.d_model // m.n_heads
   if m.pos_encoding == 'rope' and head_dim % 2:
     raise UserError(f'RoPE needs an even head_dim, got {head_dim}; change d_model/n_heads or head_dim')
-  max_len = m.max_len or seq_len
+  check_t5_fields(m)
+  # An encoder-decoder's decoder reads [BOS] + a target row of seq_len - 1 tokens and so emits up to
+  # seq_len (target + EOS): one more than a decoder row's context when generating.
+  max_len = m.max_len or seq_len + (m.family == 'encoder_decoder')
   if max_len < seq_len:
     raise UserError(f'model.max_len={max_len} is shorter than train.seq_len={seq_len}')
   return ModelConfig(
@@ -101,4 +117,38 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
       dropout=m.dropout, attn_dropout=m.attn_dropout, embed_dropout=m.embed_dropout,
       tie_embeddings=m.tie_embeddings, type_vocab_size=m.type_vocab_size,
       embed_norm=m.embed_norm, attention=m.attention, dtype=m.dtype,
-      param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat)
+      param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
+      n_decoder_layers=m.n_decoder_layers, relative_buckets=m.relative_buckets,
+      relative_max_distance=m.relative_max_distance)
+
+
+def check_t5_fields(m: ConfigDict) -> None:
+  """The decoder depth belongs to the encoder-decoder; T5's buckets need room for exact ones."""
+  if m.n_decoder_layers < 0 or (m.n_decoder_layers and m.family != 'encoder_decoder'):
+    raise UserError(f'model.n_decoder_layers={m.n_decoder_layers} needs '
+                    'model.family=encoder_decoder and must be >= 0 (0 = n_layers)')
+  if m.pos_encoding == 'relative' and not 4 <= m.relative_buckets < 2 * m.relative_max_distance:
+    raise UserError(f'model.relative_buckets={m.relative_buckets} must be at least 4 and below '
+                    f'twice model.relative_max_distance={m.relative_max_distance}')
+
+
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
+
+
+def with_lora(cfg: ModelConfig, lora: ConfigDict) -> ModelConfig:
+  """`cfg` with the adapters of `config.lora` (rank 0 = none); targets are checked against the
+  projections this architecture has, so a typo never trains nothing."""
+  if lora.rank <= 0:
+    return dataclasses.replace(cfg, lora_rank=0, lora_targets=())
+  present = set(LORA_TARGETS) - ({'gate'} if cfg.mlp != 'swiglu' else set())
+  wanted = tuple(t.strip() for t in lora.targets.split(',') if t.strip())
+  if lora.targets.strip() == 'all':
+    wanted = tuple(t for t in LORA_TARGETS if t in present)
+  missing = [t for t in wanted if t not in present]
+  if not wanted or missing:
+    raise UserError(f'lora.targets={lora.targets!r}: {", ".join(missing) or "nothing"} matches no '
+                    f'layer of this model; use "all" or a comma list of {", ".join(sorted(present))}')
+  if lora.alpha <= 0:
+    raise UserError(f'lora.alpha={lora.alpha} must be positive (the adapter scale is alpha / rank)')
+  return dataclasses.replace(cfg, lora_rank=int(lora.rank), lora_alpha=float(lora.alpha),
+                             lora_targets=wanted)

@@ -5,6 +5,7 @@ cheap dynamic_update_slice) while its RoPE positions count from its own first to
 step counts are rounded up to powers of two, so varying prompt lengths reuse a few compilations,
 and the number of steps actually run is a traced value: the loop stops early once every row hit a
 stop token. The cache is a while_loop carry, so XLA updates it in place at every step.
+An encoder-decoder runs its encoder once, in the prefill, and keeps the output in the cache.
 """
 import functools
 from typing import Any, NamedTuple, Sequence
@@ -28,15 +29,19 @@ class Generation(NamedTuple):
 
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, rng: jax.Array, sampling: Sampling = Sampling(),
-             stop_ids: Sequence[int] = (), pad_id: int = 0) -> Generation:
+             stop_ids: Sequence[int] = (), pad_id: int = 0,
+             encoder_inputs: Sequence[Sequence[int]] | None = None) -> Generation:
   """Continue each prompt (token ids, lengths may differ) by up to `max_new_tokens` tokens.
 
   A row stops after emitting any of `stop_ids`; all rows stop at the model's context length
   (`cfg.max_len` tokens, prompt included). Same `rng` and inputs give the same output. Runs under
   the caller's mesh and logical axis rules, if any (params may be sharded as in training).
+  An encoder-decoder takes one `encoder_inputs` row per prompt (its decoder prompt is [BOS]).
   """
   cfg = model.cfg
   check_prompts(prompts, cfg.max_len)
+  encoder = None if encoder_inputs is None else encoder_batch(encoder_inputs, len(prompts),
+                                                              cfg.max_len, pad_id)
   if max_new_tokens < 1:
     raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
   longest = max(len(p) for p in prompts)
@@ -46,8 +51,8 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   for row, prompt in zip(tokens, prompts):
     row[width - len(prompt):] = prompt
   start = jnp.asarray(width - np.array([len(p) for p in prompts]), jnp.int32)
-  cache, first, first_logprob = prefill(params, jnp.asarray(tokens), start, rng, model=model,
-                                        sampling=sampling, cache_length=width + steps)
+  cache, first, first_logprob = prefill(params, jnp.asarray(tokens), start, rng, encoder,
+                                        model=model, sampling=sampling, cache_length=width + steps)
   out = decode(params, cache, first, first_logprob, rng, jnp.int32(limit), model=model,
                sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id, steps=steps)
   return Generation(out.tokens[:, :limit], out.logprobs[:, :limit], out.lengths)
@@ -65,16 +70,38 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_len: int) -> None:
                       f'shorten it to at most {max_len - 1} tokens')
 
 
+def encoder_batch(rows: Sequence[Sequence[int]], n_prompts: int, max_len: int, pad_id: int,
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Encoder inputs right-padded to a bucketed width (at most max_len), and their segment ids
+  (1 on tokens, 0 on padding)."""
+  if len(rows) != n_prompts:
+    raise UserError(f'{len(rows)} encoder inputs for {n_prompts} prompts; give one per prompt')
+  for i, row in enumerate(rows):
+    if not 0 < len(row) <= max_len:
+      raise UserError(f'encoder input {i} has {len(row)} tokens; the model takes 1 to {max_len}')
+  width = min(bucket(max(map(len, rows))), max_len)
+  tokens = np.full((len(rows), width), pad_id, np.int32)
+  segments = np.zeros((len(rows), width), np.int32)
+  for tok, seg, row in zip(tokens, segments, rows):
+    tok[:len(row)], seg[:len(row)] = row, 1
+  return jnp.asarray(tokens), jnp.asarray(segments)
+
+
 def bucket(n: int) -> int:
   """The next power of two (at least 8): sizes that recur, so compilations are reused."""
   return max(8, 1 << (n - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'sampling', 'cache_length'))
-def prefill(params: Any, tokens: jax.Array, start: jax.Array, rng: jax.Array, *, model: nn.Module,
+def prefill(params: Any, tokens: jax.Array, start: jax.Array, rng: jax.Array,
+            encoder: tuple[jax.Array, jax.Array] | None = None, *, model: nn.Module,
             sampling: Sampling, cache_length: int) -> tuple[KVCache, jax.Array, jax.Array]:
-  """Run the left-padded prompts [b, w] into a fresh cache and sample the first new token."""
-  cache = init_cache(model.cfg, start, cache_length)
+  """Run the left-padded prompts [b, w] into a fresh cache and sample the first new token; an
+  encoder-decoder first encodes `encoder` (tokens, segment ids) into the cache."""
+  encoded = None
+  if encoder is not None:
+    encoded = model.apply({'params': params}, encoder[0], segment_ids=encoder[1], method='encode')
+  cache = init_cache(model.cfg, start, cache_length, encoded)
   positions = jnp.maximum(jnp.arange(tokens.shape[1])[None, :] - start[:, None], 0)
   logits, cache = model.apply({'params': params}, tokens, positions, cache, last_only=True,
                               method='decode')

@@ -30,7 +30,13 @@ def zeros_init(axes: tuple[str, ...]) -> Init:
 
 class Linear(nn.Module):
   """x @ kernel (+ bias) contracting the last `n_in` axes of x; the kernel has its full shape and
-  logical names from the start (nn.DenseGeneral reshapes a flat kernel, which breaks the names)."""
+  logical names from the start (nn.DenseGeneral reshapes a flat kernel, which breaks the names).
+
+  With `lora_rank` > 0 a low-rank adapter adds (alpha / rank) · x @ lora_a @ lora_b. The adapter
+  lives in the separate 'lora' variable collection, so the base weights ('params') stay frozen
+  and untouched: applying without the 'lora' collection is the base model exactly (the reference
+  policy in RLHF), and lora_b starts at zero so the adapted model starts equal to the base.
+  """
   features: tuple[int, ...]
   axes: tuple[str, ...]           # logical names of the kernel: input axes then output axes
   n_in: int = 1
@@ -38,19 +44,50 @@ class Linear(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     in_shape = x.shape[-self.n_in:]
     kernel = self.param('kernel', param_init(self.stddev, self.axes), (*in_shape, *self.features),
                         self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    x = x.astype(self.dtype)
+    y = contract(x, kernel.astype(self.dtype), self.n_in)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.axes[self.n_in:]), self.features, self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if self.lora_rank and (self.is_initializing() or self.has_variable('lora', 'lora_a')):
+      y = y + self.adapter(x, in_shape)
     return y
+
+  def adapter(self, x: Array, in_shape: tuple[int, ...]) -> Array:
+    r, n_in = self.lora_rank, self.n_in
+    fan_in = math.prod(in_shape)
+    a_init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / math.sqrt(fan_in)),
+                                          (*self.axes[:n_in], None))
+    b_init = zeros_init((None, *self.axes[n_in:]))
+    a = self.variable('lora', 'lora_a', lambda: a_init(self.make_rng('params'), (*in_shape, r),
+                                                       self.param_dtype)).value
+    b = self.variable('lora', 'lora_b', lambda: b_init(self.make_rng('params'), (r, *self.features),
+                                                       self.param_dtype)).value
+    low = contract(x, a.astype(self.dtype), n_in)
+    return contract(low, b.astype(self.dtype), 1) * (self.lora_alpha / r)
+
+
+def contract(x: Array, w: Array, n: int) -> Array:
+  """Contract the last n axes of x with the first n axes of w."""
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+
+
+def linear(cfg: ModelConfig, features: tuple[int, ...], axes: tuple[str, ...], *, name: str,
+           **kw: Any) -> Linear:
+  """A projection of the model with the config's dtypes and bias, and a LoRA adapter when `name`
+  (query, key, value, out, gate, up, down) is one of `cfg.lora_targets`."""
+  rank = cfg.lora_rank if name in cfg.lora_targets else 0
+  return Linear(features, axes, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha, name=name,
+                **kw)
 
 
 # ---- positions ---------------------------------------------------------------------------------
@@ -75,6 +112,39 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
   return out.astype(x.dtype)
 
 
+def relative_bucket(relative: Array, causal: bool, n_buckets: int, max_distance: int) -> Array:
+  """T5's bucket of each relative position (key position - query position), as Hugging Face's
+  T5Attention._relative_position_bucket: distances below half the buckets get one each, longer
+  ones share log-spaced buckets up to `max_distance`. Bidirectional (encoder) splits the buckets
+  between keys before and after the query; causal (decoder) only has keys before it."""
+  if causal:
+    bucket, distance = 0, jnp.maximum(-relative, 0)
+  else:
+    n_buckets //= 2
+    bucket, distance = jnp.where(relative > 0, n_buckets, 0), jnp.abs(relative)
+  exact = n_buckets // 2
+  log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact)
+               / math.log(max_distance / exact))
+  far = jnp.minimum(exact + (log_ratio * (n_buckets - exact)).astype(relative.dtype), n_buckets - 1)
+  return bucket + jnp.where(distance < exact, distance, far)
+
+
+class RelativeBias(nn.Module):
+  """T5's relative position bias: a learned scalar per (bucket, head), computed once per stack and
+  added to the self-attention logits of every layer. Positions [b, t] and [b, s] -> [b, h, t, s] f32."""
+  cfg: ModelConfig
+  causal: bool
+
+  @nn.compact
+  def __call__(self, q_positions: Array, k_positions: Array) -> Array:
+    c = self.cfg
+    table = self.param('embedding', param_init(0.02, (None, 'heads')),
+                       (c.relative_buckets, c.n_heads), c.weight_dtype)
+    buckets = relative_bucket(k_positions[:, None, :] - q_positions[:, :, None], self.causal,
+                              c.relative_buckets, c.relative_max_distance)
+    return jnp.moveaxis(table.astype(jnp.float32)[buckets], -1, 1)
+
+
 # ---- masks -------------------------------------------------------------------------------------
 
 def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
@@ -94,25 +164,31 @@ def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
 # ---- attention ---------------------------------------------------------------------------------
 
 def einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array],
-                     ) -> Array:
+                     bias: Array | None = None) -> Array:
   """Reference attention (the oracle): f32 logits and softmax, GQA by grouping query heads.
 
-  q: [b, t, h, k]; k, v: [b, s, g, k]; mask: [b, 1, t, s] -> [b, t, h, k].
+  q: [b, t, h, k]; k, v: [b, s, g, k]; mask: [b, 1, t, s]; bias: [1 or b, h, t, s] added to the
+  scaled logits (relative positions) -> [b, t, h, k].
   """
   b, t, h, dk = q.shape
   g = k.shape[2]
   q = q.reshape(b, t, g, h // g, dk)
   logits = jnp.einsum('btgrk,bsgk->bgrts', q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(dk).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.reshape(bias.shape[0], g, h // g, t, bias.shape[-1])
   logits = jnp.where(mask[:, :, None], logits, NEG_INF)
   probs = dropout(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
   out = jnp.einsum('bgrts,bsgk->btgrk', probs, v)
   return out.reshape(b, t, h, dk)
 
 
-def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
-  """jax.nn.dot_product_attention (XLA or cuDNN kernels); same contract as einsum_attention."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str,
+                    bias: Array | None = None) -> Array:
+  """jax.nn.dot_product_attention (XLA or cuDNN kernels); same contract as einsum_attention (the
+  kernels take the bias in the compute dtype)."""
+  bias = None if bias is None else bias.astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
 
 
 LayerCache = tuple[Array, Array]  # one layer's keys and values, each [b, s, g, k]
@@ -123,7 +199,8 @@ class Attention(nn.Module):
 
   With `cache` (decoding), the new keys and values are written at slot `cache_index` and the queries
   attend over the whole cache (`mask` hides empty and padded slots); the updated cache is returned.
-  Prefill and decode are this same call with t = prompt length or t = 1.
+  Prefill and decode are this same call with t = prompt length or t = 1. `bias` [1 or b, h, t, s]
+  is added to the logits (T5's relative positions).
   """
   cfg: ModelConfig
   deterministic: bool = True
@@ -131,10 +208,10 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array | None,
                kv_input: Array | None = None, cache: LayerCache | None = None,
-               cache_index: Array | None = None) -> tuple[Array, LayerCache | None]:
+               cache_index: Array | None = None, bias: Array | None = None,
+               ) -> tuple[Array, LayerCache | None]:
     c = self.cfg
-    dense = functools.partial(Linear, use_bias=c.use_bias, dtype=c.compute_dtype,
-                              param_dtype=c.weight_dtype)
+    dense = functools.partial(linear, c)
     kv_input = x if kv_input is None else kv_input
     q = dense((c.n_heads, c.head_dim), ('embed', 'heads', 'head_dim'), name='query')(x)
     k = dense((c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), name='key')(kv_input)
@@ -151,9 +228,9 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
     if c.attention == 'einsum':
       drop = nn.Dropout(c.attn_dropout, deterministic=self.deterministic)
-      out = einsum_attention(q, k, v, mask, drop)
+      out = einsum_attention(q, k, v, mask, drop, bias)
     else:
-      out = fused_attention(q, k, v, mask, c.attention)
+      out = fused_attention(q, k, v, mask, c.attention, bias)
     out = nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
     out = dense((c.d_model,), ('heads', 'head_dim', 'embed'), n_in=2,
                 stddev=0.02 / math.sqrt(2 * c.n_layers), name='out')(out)
@@ -169,8 +246,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = self.cfg
-    dense = functools.partial(Linear, use_bias=c.use_bias, dtype=c.compute_dtype,
-                              param_dtype=c.weight_dtype)
+    dense = functools.partial(linear, c)
     up = functools.partial(dense, (c.d_ff,), ('embed', 'mlp'))
     if c.mlp == 'swiglu':
       h = nn.silu(up(name='gate')(x)) * up(name='up')(x)
@@ -194,28 +270,38 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-  """One residual block: attention then MLP, each with norm and dropout, pre- or post-norm.
+  """One residual block: self-attention, then (when `cross`: the encoder-decoder's decoder)
+  attention over the encoder output `encoded` [b, s, d] under `cross_mask` [b, 1, t, s], then MLP;
+  each sublayer with norm and dropout, pre- or post-norm. `bias` goes to the self-attention logits.
 
   Returns the new hidden states and the layer's updated KV cache (None when not decoding).
   """
   cfg: ModelConfig
   deterministic: bool = True
+  cross: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array | None,
                cache: LayerCache | None = None, cache_index: Array | None = None,
-               ) -> tuple[Array, LayerCache | None]:
+               bias: Array | None = None, encoded: Array | None = None,
+               cross_mask: Array | None = None) -> tuple[Array, LayerCache | None]:
     c = self.cfg
     drop = nn.Dropout(c.dropout, deterministic=self.deterministic)
-    attn = functools.partial(Attention(c, self.deterministic, name='attn'), cache=cache,
-                             cache_index=cache_index)
-    mlp = Mlp(c, name='mlp')
-    if c.norm_position == 'pre':
-      y, cache = attn(norm(c, 'attn_norm')(x), mask, positions)
-      x = x + drop(y)
-      x = x + drop(mlp(norm(c, 'mlp_norm')(x)))
-    else:
-      y, cache = attn(x, mask, positions)
-      x = norm(c, 'attn_norm')(x + drop(y))
-      x = norm(c, 'mlp_norm')(x + drop(mlp(x)))
+    pre = c.norm_position == 'pre'
+
+    def sublayer_input(name: str, h: Array) -> Array:  # pre-norm: the sublayer reads norm(h)
+      return norm(c, name)(h) if pre else h
+
+    def residual(name: str, h: Array, y: Array) -> Array:  # post-norm: norm(h + y)
+      return h + drop(y) if pre else norm(c, name)(h + drop(y))
+
+    y, cache = Attention(c, self.deterministic, name='attn')(
+        sublayer_input('attn_norm', x), mask, positions, cache=cache, cache_index=cache_index,
+        bias=bias)
+    x = residual('attn_norm', x, y)
+    if self.cross:
+      y, _ = Attention(c, self.deterministic, name='cross_attn')(
+          sublayer_input('cross_norm', x), cross_mask, None, kv_input=encoded)
+      x = residual('cross_norm', x, y)
+    x = residual('mlp_norm', x, Mlp(c, name='mlp')(sublayer_input('mlp_norm', x)))
     return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), cache

@@ -228,30 +228,57 @@ def packaged_gguf(package: str) -> str:
 
 
 def load_workdir(workdir: str) -> tuple[ModelConfig, Any, Any]:
-  """Config, latest-checkpoint params and tokenizer of a run trained by this project."""
-  from ml_collections import ConfigDict
+  """Config, latest-checkpoint params and tokenizer of a run trained by this project.
 
+  A run that fine-tuned another model (`config.pretrained` set: stage sft, reward, ...) takes its
+  architecture and tokenizer from that base; a LoRA run's checkpoint holds only the adapters,
+  which are merged into the base weights here.
+  """
   from data.tokenizer import load_tokenizer
-  from model.config import model_config
+  from model.config import model_config, with_lora
+  from model.lora import merge_lora
   from train import checkpoint
   from train.state import TrainState, make_optimizer
+  from experiments.base import get_config
   path = os.path.join(workdir, 'config.json')
   try:
     with open(path, encoding='utf-8') as f:
-      cfg = ConfigDict(json.load(f))
+      saved = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {path} ({e}); pass a workdir written by run.py') from None
-  tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  mcfg = model_config(cfg.model, tokenizer.vocab_size, cfg.train.seq_len)
-  model, tx = build_model(mcfg), make_optimizer(cfg.train)
+  cfg = with_saved(get_config().to_dict(), saved)
+  base = None
+  if cfg.get('pretrained') and cfg.stage not in ('pretrain', 'sample', 'chat', 'sweep', 'scaling'):
+    if os.path.abspath(cfg.pretrained) == os.path.abspath(workdir):
+      raise UserError(f'{path} names its own workdir as config.pretrained; point it at the base')
+    base = load_pretrained(cfg.pretrained)
+    mcfg, tokenizer = base.config, base.tokenizer
+  else:
+    tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
+    mcfg = model_config(cfg.model, tokenizer.vocab_size, cfg.train.seq_len)
+  lora_cfg = with_lora(mcfg, cfg.lora) if 'lora' in cfg else mcfg
+  model, tx = build_model(lora_cfg), make_optimizer(cfg.train)
 
   def init_state() -> TrainState:
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)['params'])
+    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    params = variables['lora'] if lora_cfg.lora_rank else variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           jax.eval_shape(init_state))
   state, _ = checkpoint.restore_latest(workdir, abstract)
+  if lora_cfg.lora_rank:
+    return mcfg, merge_lora(base.params, state.params, lora_cfg), tokenizer
   return mcfg, state.params, tokenizer
+
+
+def with_saved(defaults: dict, saved: dict) -> Any:
+  """A run's saved config over today's defaults: fields added since the run was made take their
+  default values, so old workdirs keep loading."""
+  from ml_collections import ConfigDict
+  merged = dict(defaults)
+  for key, value in saved.items():
+    both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+    merged[key] = with_saved(defaults[key], value).to_dict() if both_dicts else value
+  return ConfigDict(merged)

@@ -1,4 +1,5 @@
-"""Transformer families assembled from model/layers.py: decoder-only (GPT) and encoder-only (BERT)."""
+"""Transformer families assembled from model/layers.py: decoder-only (GPT), encoder-only (BERT) and
+encoder-decoder (T5), all on the one Decoder class and its BlockStack."""
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -7,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.layers import (Array, Block, LayerCache, Linear, attention_mask, norm, param_init,
-                          sinusoidal_table)
+from model.layers import (Array, Block, LayerCache, Linear, RelativeBias, attention_mask, norm,
+                          param_init, sinusoidal_table)
 
 # Named remat policies: what the backward pass may keep instead of recomputing.
 REMAT_POLICIES = {
@@ -25,6 +26,21 @@ def block_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 @flax.struct.dataclass
+class Encoded:
+  """An encoder's output, computed once per input and read by every decoder layer's cross-attention."""
+  hidden: Array       # [b, s, d]
+  segment_ids: Array  # [b, s]; decoder tokens attend to encoder tokens of their own segment
+
+
+def cross_inputs(encoded: Encoded | None, q_segments: Array) -> tuple[Array | None, Array | None]:
+  """(encoder states, cross-attention mask [b, 1, t, s]) for decoder queries of `q_segments`
+  [b, t]; (None, None) for the families without an encoder."""
+  if encoded is None:
+    return None, None
+  return encoded.hidden, attention_mask(q_segments, encoded.segment_ids, causal=False)
+
+
+@flax.struct.dataclass
 class KVCache:
   """Keys and values of every layer for decoding, in fixed-size buffers of `length` slots.
 
@@ -32,24 +48,28 @@ class KVCache:
   occupy slots start[b]..index-1 and the slots before start[b] are padding that is masked out.
   `layers` matches the parameter layout: a tuple of per-layer (k, v) pairs, or one (k, v) pair
   stacked on a leading layer axis when scan_layers (each k, v: [b, length, kv_heads, head_dim]).
+  An encoder-decoder's cache also carries the encoder output, so decode steps never recompute it.
   """
   layers: Any
   index: Array  # [] int32: the slot the next token is written to
   start: Array  # [b] int32: first slot of each row's real tokens
+  encoded: Encoded | None = None
 
   @property
   def length(self) -> int:
     return jax.tree.leaves(self.layers)[0].shape[-3]
 
 
-def init_cache(cfg: ModelConfig, start: Array, length: int) -> KVCache:
-  """An empty cache of `length` slots for rows whose tokens begin at slot `start` [b]."""
+def init_cache(cfg: ModelConfig, start: Array, length: int, encoded: Encoded | None = None
+               ) -> KVCache:
+  """An empty cache of `length` slots for rows whose tokens begin at slot `start` [b] (and, for an
+  encoder-decoder, the rows' encoder output)."""
   shape = (start.shape[0], length, cfg.n_kv_heads, cfg.head_dim)
   if cfg.scan_layers:
-    shape = (cfg.n_layers, *shape)
+    shape = (cfg.decoder_layers, *shape)
   pair = lambda: (jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-  layers = pair() if cfg.scan_layers else tuple(pair() for _ in range(cfg.n_layers))
-  return KVCache(layers, jnp.zeros((), jnp.int32), start.astype(jnp.int32))
+  layers = pair() if cfg.scan_layers else tuple(pair() for _ in range(cfg.decoder_layers))
+  return KVCache(layers, jnp.zeros((), jnp.int32), start.astype(jnp.int32), encoded)
 
 
 class _ScanBlock(nn.Module):
@@ -57,36 +77,52 @@ class _ScanBlock(nn.Module):
   is the scanned input and its updated cache the scanned output."""
   cfg: ModelConfig
   deterministic: bool
+  cross: bool
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array, cache: LayerCache | None,
-               cache_index: Array | None) -> tuple[Array, LayerCache | None]:
-    block = block_class(self.cfg)(self.cfg, self.deterministic, name='block')
-    return block(x, mask, positions, cache, cache_index)
+               cache_index: Array | None, bias: Array | None, encoded: Array | None,
+               cross_mask: Array | None) -> tuple[Array, LayerCache | None]:
+    block = block_class(self.cfg)(self.cfg, self.deterministic, self.cross, name='block')
+    return block(x, mask, positions, cache, cache_index, bias, encoded, cross_mask)
 
 
 class BlockStack(nn.Module):
-  """n_layers blocks, as a Python loop or one nn.scan (compile time independent of depth).
+  """The layers of one stack, as a Python loop or one nn.scan (compile time independent of depth).
 
-  Returns the hidden states and the updated per-layer caches (None when not decoding).
+  With relative positions the stack computes T5's bias once from the query `positions` and the
+  `key_positions` (the same in training; the cache slots' positions when decoding) and adds it in
+  every layer. A `cross` stack (the encoder-decoder's decoder, cfg.decoder_layers deep) also
+  attends to `encoded` under `cross_mask`. Returns the hidden states and the updated per-layer
+  caches (None when not decoding).
   """
   cfg: ModelConfig
   deterministic: bool = True
+  causal: bool = True
+  cross: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array, cache: Any = None,
-               cache_index: Array | None = None) -> tuple[Array, Any]:
+               cache_index: Array | None = None, key_positions: Array | None = None,
+               encoded: Array | None = None, cross_mask: Array | None = None) -> tuple[Array, Any]:
     c = self.cfg
+    depth = c.decoder_layers if self.cross else c.n_layers
+    bias = None
+    if c.pos_encoding == 'relative':
+      keys = positions if key_positions is None else key_positions
+      bias = RelativeBias(c, self.causal, name='relative_bias')(positions, keys)
     if c.scan_layers:
-      scan = nn.scan(_ScanBlock, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                     in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
+      scan = nn.scan(_ScanBlock, variable_axes={'params': 0, 'lora': 0}, split_rngs={'params': True, 'dropout': True},
+                     in_axes=(nn.broadcast, nn.broadcast, 0) + (nn.broadcast,) * 4, length=depth,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      return scan(c, self.deterministic, name='layers')(x, mask, positions, cache, cache_index)
+      return scan(c, self.deterministic, self.cross, name='layers')(
+          x, mask, positions, cache, cache_index, bias, encoded, cross_mask)
     cls = block_class(c)
     new_cache = []
-    for i in range(c.n_layers):
-      x, layer_cache = cls(c, self.deterministic, name=f'layers_{i}')(
-          x, mask, positions, None if cache is None else cache[i], cache_index)
+    for i in range(depth):
+      x, layer_cache = cls(c, self.deterministic, self.cross, name=f'layers_{i}')(
+          x, mask, positions, None if cache is None else cache[i], cache_index, bias, encoded,
+          cross_mask)
       new_cache.append(layer_cache)
     return x, None if cache is None else tuple(new_cache)
 
@@ -99,6 +135,7 @@ class Decoder(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
   causal: ClassVar[bool] = True
+  cross: ClassVar[bool] = False  # the layers also attend to an encoder output (EncoderDecoder)
 
   def setup(self):
     c = self.cfg
@@ -115,7 +152,7 @@ class Decoder(nn.Module):
     if c.embed_norm:
       self.embed_norm = norm(c, 'embed_norm')
     self.embed_drop = nn.Dropout(c.embed_dropout, deterministic=self.deterministic)
-    self.blocks = BlockStack(c, self.deterministic, name='blocks')
+    self.blocks = BlockStack(c, self.deterministic, self.causal, self.cross, name='blocks')
     if c.norm_position == 'pre':
       self.final_norm = norm(c, 'final_norm')
     if not c.tie_embeddings:
@@ -140,16 +177,25 @@ class Decoder(nn.Module):
     return self.final_norm(x) if self.cfg.norm_position == 'pre' else x
 
   def features(self, tokens: Array, positions: Array | None = None,
-               segment_ids: Array | None = None) -> Array:
+               segment_ids: Array | None = None, encoded: Encoded | None = None) -> Array:
     """Final hidden states [b, t, d]; causal for the decoder, bidirectional within each segment
-    for the encoder (padding, segment 0, is seen by no real token)."""
+    for the encoder (padding, segment 0, is seen by no real token). `encoded` is what an
+    encoder-decoder's decoder cross-attends to."""
+    return self.head_norm(self.run_stack(self.blocks, tokens, positions, segment_ids, encoded))
+
+  def run_stack(self, stack: BlockStack, tokens: Array, positions: Array | None,
+                segment_ids: Array | None, encoded: Encoded | None = None) -> Array:
+    """Embeds `tokens` [b, t] and runs them through `stack`, attending within segments (causally
+    if the stack is); positions default to 0..t-1 and segments to one per row."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    mask = attention_mask(segment_ids, segment_ids, causal=self.causal)
-    x, _ = self.blocks(self.embed_tokens(tokens, positions), mask, positions)
-    return self.head_norm(x)
+    mask = attention_mask(segment_ids, segment_ids, causal=stack.causal)
+    hidden, cross_mask = cross_inputs(encoded, segment_ids)
+    x, _ = stack(self.embed_tokens(tokens, positions), mask, positions, encoded=hidden,
+                 cross_mask=cross_mask)
+    return x
 
   def decode(self, tokens: Array, positions: Array, cache: KVCache, last_only: bool = False,
              ) -> tuple[Array, KVCache]:
@@ -162,8 +208,10 @@ class Decoder(nn.Module):
     k_real = slots[None, :] >= cache.start[:, None]                         # [b, length]
     mask = attention_mask(q_real.astype(jnp.int32), k_real.astype(jnp.int32), causal=True,
                           q_offset=cache.index)
+    hidden, cross_mask = cross_inputs(cache.encoded, q_real.astype(jnp.int32))
     x, layers = self.blocks(self.embed_tokens(tokens, positions), mask, positions, cache.layers,
-                            cache.index)
+                            cache.index, key_positions=slots[None, :] - cache.start[:, None],
+                            encoded=hidden, cross_mask=cross_mask)
     x = self.head_norm(x[:, -1:] if last_only else x)
     return self.logits(x), cache.replace(layers=layers, index=cache.index + t)
 
@@ -193,6 +241,50 @@ class Encoder(Decoder):
   causal: ClassVar[bool] = False
 
 
+class EncoderDecoder(Decoder):
+  """Encoder-decoder (T5). The decoder is Decoder's own causal stack ('blocks', 'final_norm') whose
+  layers also cross-attend to the encoder output; the encoder is a bidirectional stack ('encoder',
+  'encoder_norm') over the same token embedding, which is also the output layer when tied.
+
+  `encode` runs once per input; `decode` (inherited) extends the decoder's KV cache and reads the
+  encoder output stored in the cache (init_cache(..., encoded)).
+  """
+  cross: ClassVar[bool] = True
+
+  def setup(self):
+    super().setup()
+    c = self.cfg
+    self.encoder = BlockStack(c, self.deterministic, causal=False, name='encoder')
+    if c.norm_position == 'pre':
+      self.encoder_norm = norm(c, 'encoder_norm')
+
+  def encode(self, tokens: Array, positions: Array | None = None,
+             segment_ids: Array | None = None) -> Encoded:
+    """The encoder output for `tokens` [b, s]; segment 0 (padding) is seen by no real token."""
+    segment_ids = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+    x = self.run_stack(self.encoder, tokens, positions, segment_ids)
+    return Encoded(self.encoder_norm(x) if self.cfg.norm_position == 'pre' else x, segment_ids)
+
+  def features(self, encoder_inputs: Array, decoder_inputs: Array | None = None, *,
+               encoder_positions: Array | None = None, encoder_segment_ids: Array | None = None,
+               positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+    """Decoder hidden states [b, t, d] for decoder inputs [b, t] given encoder inputs [b, s].
+    Decoder inputs default to the encoder inputs, so init(rng, tokens) builds every parameter as
+    for the other families."""
+    encoded = self.encode(encoder_inputs, encoder_positions, encoder_segment_ids)
+    tokens = encoder_inputs if decoder_inputs is None else decoder_inputs
+    return super().features(tokens, positions, segment_ids, encoded)
+
+  def __call__(self, encoder_inputs: Array, decoder_inputs: Array | None = None, *,
+               encoder_positions: Array | None = None, encoder_segment_ids: Array | None = None,
+               positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+    """Logits [b, t, v] in f32 of the next decoder token (teacher forcing)."""
+    return self.logits(self.features(
+        encoder_inputs, decoder_inputs, encoder_positions=encoder_positions,
+        encoder_segment_ids=encoder_segment_ids, positions=positions, segment_ids=segment_ids))
+
+
 def build_model(cfg: ModelConfig, deterministic: bool = True) -> nn.Module:
   """The model for `cfg.family`."""
-  return {'decoder': Decoder, 'encoder': Encoder}[cfg.family](cfg, deterministic)
+  families = {'decoder': Decoder, 'encoder': Encoder, 'encoder_decoder': EncoderDecoder}
+  return families[cfg.family](cfg, deterministic)

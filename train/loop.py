@@ -15,7 +15,7 @@ import optax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from model.config import ModelConfig, model_config
+from model.config import ModelConfig, model_config, with_lora
 from model.errors import UserError
 from model.transformer import build_model
 from train import checkpoint
@@ -29,7 +29,12 @@ Batch = dict[str, jax.Array]
 
 @dataclasses.dataclass
 class Trainer:
-  """What a stage needs, built once from the config: mesh, model, optimizer, sharded state."""
+  """What a stage needs, built once from the config: mesh, model, optimizer, sharded state.
+
+  `state.params` is what the optimizer trains: every weight, or only the LoRA adapters (plus any
+  new `heads`, e.g. a reward model's score head), in which case the base weights are `frozen`,
+  passed to each step as a (never donated, never copied) argument and merged in by `with_frozen`.
+  """
   cfg: ConfigDict
   mesh: jax.sharding.Mesh
   model_cfg: ModelConfig
@@ -38,40 +43,136 @@ class Trainer:
   tx: optax.GradientTransformation
   state: TrainState
   state_sharding: Any
+  frozen: Any = None          # base params under LoRA, else None
+  frozen_sharding: Any = None
+  heads: tuple[str, ...] = ()  # top-level params trained beside the adapters under LoRA
+
+  def variables(self, params: Any | None = None) -> dict[str, Any]:
+    """The full variables of the (adapted) model for `params` (default: the current state)."""
+    params = self.state.params if params is None else params
+    return full_variables(params, self.frozen, self.heads)
 
 
-def init_trainer(cfg: ConfigDict, vocab_size: int, devices: list[jax.Device] | None = None) -> Trainer:
-  """Mesh, model and a freshly initialised, sharded train state (weights, optimizer)."""
+def full_variables(trainable: Any, frozen: Any, heads: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Model variables from the trainable tree: itself, or under LoRA the frozen base plus the
+  trained `heads` as 'params' and the adapters as 'lora'."""
+  if frozen is None:
+    return {'params': trainable}
+  return {'params': {**frozen, **{h: trainable[h] for h in heads}},
+          'lora': {k: v for k, v in trainable.items() if k not in heads}}
+
+
+def with_frozen(apply_fn: Callable[..., Any], frozen: Any, heads: tuple[str, ...] = ()
+                ) -> Callable[..., Any]:
+  """`apply_fn` as objectives call it, apply_fn({'params': trainable}, ...), with the frozen base
+  merged in (see `full_variables`)."""
+  if frozen is None:
+    return apply_fn
+  return lambda variables, *a, **k: apply_fn(full_variables(variables['params'], frozen, heads),
+                                             *a, **k)
+
+
+def init_trainer(cfg: ConfigDict, vocab_size: int, devices: list[jax.Device] | None = None, *,
+                 model_cfg: ModelConfig | None = None, init_params: Any = None,
+                 build: Callable[[ModelConfig, bool], nn.Module] = build_model,
+                 fresh: tuple[str, ...] = ()) -> Trainer:
+  """Mesh, model and a sharded train state (weights, optimizer).
+
+  Weights are random, or `init_params` (a pretrained tree, e.g. from `load_pretrained`, whose
+  `model_cfg` is given) with only the top-level keys in `fresh` (new heads) left at their random
+  init. `config.lora.rank` > 0 trains adapters only (and the `fresh` heads) and keeps the other
+  weights frozen.
+  """
   t = cfg.train
   if t.grad_accum < 1 or t.batch_size % t.grad_accum:
     raise UserError(f'train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}')
   mesh = make_mesh(cfg.mesh, devices)
-  mcfg = model_config(cfg.model, vocab_size, t.seq_len)
+  mcfg = with_lora(model_cfg or model_config(cfg.model, vocab_size, t.seq_len), cfg.lora)
+  if mcfg.lora_rank and init_params is None:
+    raise UserError('lora.rank > 0 trains adapters on a pretrained base; set config.pretrained '
+                    '(stage sft, reward, dpo, ppo) or lora.rank=0')
+  if mcfg.max_len < t.seq_len:
+    raise UserError(f'train.seq_len={t.seq_len} exceeds the model context of {mcfg.max_len}')
   check_divisibility(mcfg, mesh, t.batch_size, t.grad_accum)
-  model, eval_model = build_model(mcfg, deterministic=False), build_model(mcfg, deterministic=True)
+  model, eval_model = build(mcfg, False), build(mcfg, True)
   tx = make_optimizer(t)
 
   def init(rng):
     tokens = jnp.zeros((1, t.seq_len), jnp.int32)
-    params = model.init({'params': rng, 'dropout': rng}, tokens)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    variables = model.init({'params': rng, 'dropout': rng}, tokens)
+    params, frozen = variables['params'], None
+    if mcfg.lora_rank:
+      frozen = {k: v for k, v in params.items() if k not in heads}
+      params = {**variables['lora'], **{k: params[k] for k in heads}}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)), frozen
 
+  heads = tuple(fresh) if mcfg.lora_rank else ()
   rng = jax.random.PRNGKey(cfg.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     abstract = jax.eval_shape(init, rng)
-    sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, LOGICAL_RULES)
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=sharding)(rng)
-  return Trainer(cfg, mesh, mcfg, model, eval_model, tx, state, sharding)
+    sharding, frozen_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh,
+                                                            LOGICAL_RULES)
+    state, frozen = jax.jit(lambda r: nn.meta.unbox(init(r)),
+                            out_shardings=(sharding, frozen_sharding))(rng)
+  if init_params is not None:
+    if frozen is not None:
+      frozen = place_pretrained(frozen, init_params, frozen_sharding, fresh)
+    else:
+      state = state.replace(params=place_pretrained(state.params, init_params, sharding.params, fresh))
+  return Trainer(cfg, mesh, mcfg, model, eval_model, tx, state, sharding, frozen, frozen_sharding,
+                 heads)
 
 
-def make_train_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[TrainState, Batch, jax.Array], Any]:
-  """One optimizer step; with grad_accum > 1 a lax.scan over micro-batches gives the same update."""
+def place_pretrained(init: Any, pretrained: Any, sharding: Any, fresh: tuple[str, ...]) -> Any:
+  """`pretrained` leaves put on the mesh in place of the random `init`; any missing or mismatched
+  key is an error naming it (a restore never silently keeps random weights)."""
+  missing = sorted(set(init) - set(pretrained) - set(fresh))
+  extra = sorted(set(pretrained) - set(init))
+  if missing or extra:
+    raise UserError(f'pretrained weights do not fit the model: missing {missing}, unexpected {extra}')
+  out = dict(init)
+  for key in pretrained:
+    flat_init = dict(jax.tree_util.tree_leaves_with_path(init[key]))
+    flat_pre = dict(jax.tree_util.tree_leaves_with_path(pretrained[key]))
+    if flat_init.keys() != flat_pre.keys():
+      diff = sorted(map(jax.tree_util.keystr, flat_init.keys() ^ flat_pre.keys()))
+      raise UserError(f'pretrained weights under {key!r} do not fit the model: {diff[:4]}')
+    for path, leaf in flat_pre.items():
+      if leaf.shape != flat_init[path].shape:
+        raise UserError(f'pretrained {key}{jax.tree_util.keystr(path)} has shape {leaf.shape}, the '
+                        f'model wants {flat_init[path].shape}')
+    # a fresh copy first: jax 0.10 ignores may_alias=False when it replicates a one-device array
+    # over a mesh (shard 0 keeps the caller's buffer), and donating the state would then free the
+    # caller's weights (e.g. an RLHF reference)
+    out[key] = jax.tree.map(lambda x, s, like: jax.device_put(jnp.array(x, like.dtype, copy=True), s),
+                            pretrained[key], sharding[key], init[key])
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+  """A jitted step with the trainer's frozen base as its second argument, called without it."""
+  fn: Any
+  frozen: Any
+
+  def __call__(self, first: Any, *rest: Any) -> Any:
+    return self.fn(first, self.frozen, *rest)
+
+  def lower(self, first: Any, *rest: Any) -> Any:
+    return self.fn.lower(first, self.frozen, *rest)
+
+
+def make_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn]) -> BoundStep:
+  """One optimizer step, step(state, batch, rng); `objective` is a loss factory of the model's
+  apply function (train/objectives.py). With grad_accum > 1 a lax.scan over micro-batches gives
+  the same update. Gradients are taken only with respect to `state.params`."""
   t = trainer.cfg.train
   schedule, tx, accum = lr_schedule(t), trainer.tx, t.grad_accum
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   data_sharding = batch_sharding(trainer.mesh)
 
-  def step(state: TrainState, batch: Batch, rng: jax.Array):
+  def step(state: TrainState, frozen: Any, batch: Batch, rng: jax.Array):
+    apply_fn = with_frozen(trainer.model.apply, frozen, trainer.heads)
+    grad_fn = jax.value_and_grad(objective(apply_fn), has_aux=True)
     rng = jax.random.fold_in(rng, state.step)
     if accum == 1:
       (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
@@ -94,18 +195,21 @@ def make_train_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[TrainState, 
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss_sum / weight, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss_sum / weight, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step), **{k: v / weight for k, v in aux.items()}}
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.jit(step, in_shardings=(trainer.state_sharding, data_sharding, None),
-                 out_shardings=(trainer.state_sharding, None), donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=(trainer.state_sharding, trainer.frozen_sharding,
+                                       data_sharding, None),
+                   out_shardings=(trainer.state_sharding, None), donate_argnums=0)
+  return BoundStep(jitted, trainer.frozen)
 
 
-def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn], batch: Batch):
+def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn], batch: Batch
+                       ) -> BoundStep:
   """Ahead-of-time compile of the train step for this batch's shapes; prints XLA's memory analysis
   (per device) so a researcher sees whether a run fits before it starts."""
-  step = make_train_step(trainer, objective(trainer.model.apply))
+  step = make_train_step(trainer, objective)
   compiled = step.lower(trainer.state, batch, jax.random.PRNGKey(0)).compile()
   mem = compiled.memory_analysis()
   if mem is not None and jax.process_index() == 0:
@@ -113,15 +217,19 @@ def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn]
     print(f'train step per device: arguments {gib(mem.argument_size_in_bytes)}, outputs '
           f'{gib(mem.output_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)}, '
           f'aliased (donated) {gib(mem.alias_size_in_bytes)}', flush=True)
-  return compiled
+  return BoundStep(compiled, trainer.frozen)
 
 
-def make_eval_step(trainer: Trainer, loss_fn: LossFn) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-  def step(params, batch):
-    loss_sum, aux = loss_fn(params, batch, jax.random.PRNGKey(0))
+def make_eval_step(trainer: Trainer, objective: Callable[[Callable], LossFn]) -> BoundStep:
+  """eval_step(params, batch) -> loss and metric sums with their weight, on the eval model."""
+  def step(params, frozen, batch):
+    loss_sum, aux = objective(with_frozen(trainer.eval_model.apply, frozen, trainer.heads))(
+        params, batch, jax.random.PRNGKey(0))
     aux = dict(aux)
     return {'loss_sum': loss_sum, 'weight': objective_weight(aux, batch), **aux}
-  return jax.jit(step, in_shardings=(trainer.state_sharding.params, batch_sharding(trainer.mesh)))
+  jitted = jax.jit(step, in_shardings=(trainer.state_sharding.params, trainer.frozen_sharding,
+                                       batch_sharding(trainer.mesh)))
+  return BoundStep(jitted, trainer.frozen)
 
 
 def evaluate(trainer: Trainer, eval_step, params, batches: list[dict], bytes_per_token: float
@@ -177,7 +285,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
     start, tokens, flops = latest, meta['tokens'], meta['flops']
     print(f'resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}', flush=True)
 
-  eval_step = make_eval_step(trainer, objective(trainer.eval_model.apply))
+  eval_step = make_eval_step(trainer, objective)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   rng = jax.random.PRNGKey(cfg.seed + 1)
   preempt = _Preemption()

@@ -31,16 +31,22 @@ def matmul_params(cfg: ModelConfig) -> int:
   output layer (the unembedding counts even when tied). The embedding lookup is a gather: excluded."""
   attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
   mlp = (3 if cfg.mlp == 'swiglu' else 2) * cfg.d_model * cfg.d_ff
-  return cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+  decoder = cfg.decoder_layers * (2 * attn + mlp) if cfg.family == 'encoder_decoder' else 0
+  return cfg.n_layers * (attn + mlp) + decoder + cfg.d_model * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
   """Training FLOPs per token = 6·N_matmul + 12·L·T·(h·k) (PaLM, appendix B).
 
   The attention term (QK^T and AV, forward and backward) is halved for causal masks, since half
-  of the score matrix is masked out; kernels that skip it do half the work.
+  of the score matrix is masked out; kernels that skip it do half the work. An encoder-decoder
+  counts a token of both stacks (decoder rows taken as long as encoder rows: an upper bound when
+  targets are shorter): bidirectional encoder, causal decoder self-attention, full cross-attention.
   """
-  attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+  per_layer = 12 * seq_len * cfg.n_heads * cfg.head_dim
+  if cfg.family == 'encoder_decoder':
+    return 6 * matmul_params(cfg) + per_layer * (cfg.n_layers + 1.5 * cfg.decoder_layers)
+  attention = cfg.n_layers * per_layer
   return 6 * matmul_params(cfg) + (attention / 2 if causal else attention)
 
 

@@ -18,6 +18,12 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def scored_sums(logits: jax.Array, labels: jax.Array, w: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy and correct argmax predictions, each summed with weights `w` (labels' shape)."""
+  correct = (logits.argmax(-1) == labels).astype(jnp.float32)
+  return (token_nll(logits, labels) * w).sum(), {'accuracy': (correct * w).sum()}
+
+
 def batch_weight(batch: Batch) -> jax.Array:
   """Number of scored target tokens: the denominator of every token-level loss."""
   return batch['weights'].sum()
@@ -28,10 +34,21 @@ def causal_lm_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
   def loss(params, batch: Batch, rng: jax.Array):
     logits = apply_fn({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
                       rngs={'dropout': rng})
-    w = batch['weights']
-    nll = token_nll(logits, batch['targets'])
-    correct = (logits.argmax(-1) == batch['targets']).astype(jnp.float32)
-    return (nll * w).sum(), {'accuracy': (correct * w).sum()}
+    return scored_sums(logits, batch['targets'], batch['weights'])
+  return loss
+
+
+def seq2seq_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
+  """Encoder-decoder (T5): the causal LM loss of the decoder rows (`inputs` = [BOS] + target,
+  `targets` = target + [EOS]) given each row's `encoder_inputs`, `encoder_segment_ids` (0 = padding)
+  and `encoder_positions`."""
+  def loss(params, batch: Batch, rng: jax.Array):
+    def decoder_apply(variables, tokens, positions, segment_ids, **kw):
+      return apply_fn(variables, batch['encoder_inputs'], tokens,
+                      encoder_positions=batch['encoder_positions'],
+                      encoder_segment_ids=batch['encoder_segment_ids'], positions=positions,
+                      segment_ids=segment_ids, **kw)
+    return causal_lm_loss(decoder_apply)(params, batch, rng)
   return loss
 
 
@@ -63,9 +80,20 @@ def masked_lm_loss(apply_fn: Callable[..., jax.Array], mask_id: int) -> LossFn:
     logits = apply_fn({'params': params}, corrupted, batch['positions'], batch['segment_ids'],
                       rngs={'dropout': dropout_rng})
     w = picked.astype(jnp.float32)
-    nll = token_nll(logits, inputs)
-    correct = (logits.argmax(-1) == inputs).astype(jnp.float32)
-    return (nll * w).sum(), {'accuracy': (correct * w).sum(), 'weight': w.sum()}
+    loss_sum, metrics = scored_sums(logits, inputs, w)
+    return loss_sum, {**metrics, 'weight': w.sum()}
+  return loss
+
+
+def classification_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
+  """Cross-entropy of one class per row: a classifier's logits [b, classes] (model/heads.py
+  ClassifierModel) against `labels` [b], each row weighted by `weights` [b] (0 on rows that only
+  fill a batch); the weight is the number of examples, so loss and accuracy are per example."""
+  def loss(params, batch: Batch, rng: jax.Array):
+    logits = apply_fn({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
+                      rngs={'dropout': rng})
+    loss_sum, metrics = scored_sums(logits, batch['labels'], batch['weights'])
+    return loss_sum, {**metrics, 'weight': batch['weights'].sum()}
   return loss
 
 
@@ -76,7 +104,10 @@ def objective_weight(aux: dict[str, jax.Array], batch: Batch) -> jax.Array:
 
 
 def objective_for(family: str, pad_id: int) -> Callable[[Callable[..., jax.Array]], LossFn]:
-  """The pretraining objective of a model family: causal LM (decoder) or masked LM (encoder)."""
+  """The pretraining objective of a model family: causal LM (decoder), masked LM (encoder) or
+  seq2seq (encoder-decoder; span corruption is in its data, data/seq2seq.py)."""
   if family == 'encoder':
     return functools.partial(masked_lm_loss, mask_id=pad_id)
+  if family == 'encoder_decoder':
+    return seq2seq_loss
   return causal_lm_loss

@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
-from data.pipeline import build_dataset
+from data.pipeline import Dataset, build_dataset
+from data.seq2seq import Seq2SeqDataset, build_seq2seq_dataset
 from data.tokenizer import Tokenizer, load_tokenizer
 from experiments.stages import scaling_stage, sweep_stage
 from model.chat import chat_stage
@@ -16,6 +17,11 @@ from model.sampling import Sampling
 from train import checkpoint
 from train.loop import Trainer, init_trainer, pretrain
 from train.mesh import LOGICAL_RULES
+from train.seq2seq_eval import report_exact_match
+from train.dpo_stage import dpo_stage
+from train.ppo_stage import grpo_stage, ppo_stage
+from train.reward_stage import reward_stage
+from train.sft import sft_stage
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -37,9 +43,16 @@ def print_samples(trainer: Trainer, tokenizer: Tokenizer, s: ConfigDict) -> list
   return texts
 
 
+def pretrain_dataset(cfg: ConfigDict, workdir: str) -> Dataset | Seq2SeqDataset:
+  """The family's pretraining rows: seq2seq examples for the encoder-decoder, packed documents
+  otherwise."""
+  build = build_seq2seq_dataset if cfg.model.family == 'encoder_decoder' else build_dataset
+  return build(cfg.data, cfg.seed, tokenizer_dir=tokenizer_dir(workdir),
+               process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
-  dataset = build_dataset(cfg.data, cfg.seed, tokenizer_dir=tokenizer_dir(workdir),
-                          process_index=jax.process_index(), process_count=jax.process_count())
+  dataset = pretrain_dataset(cfg, workdir)
   truth = dataset.info.get('true_entropy_nats_per_token')
   if truth is not None:
     print(f'source: true entropy {truth:.4f} nats/token (the best achievable eval loss)', flush=True)
@@ -51,6 +64,10 @@ def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
     line += f', true entropy {truth:.4f} (gap {metrics["eval_loss"] - truth:+.4f})'
   if cfg.model.family == 'encoder':  # masked LM: no bits/byte, and nothing to sample
     print(f'{line}, masked-token accuracy {metrics["eval_accuracy"]:.4f}', flush=True)
+    return
+  if cfg.model.family == 'encoder_decoder':  # seq2seq: greedy exact match instead of samples
+    score = report_exact_match(trainer, dataset, cfg, workdir)
+    print(f'{line}, held-out exact match {score:.4f}', flush=True)
     return
   if 'eval_bpb' in metrics:
     line += f', {metrics["eval_bpb"]:.4f} bits/byte'
@@ -75,6 +92,11 @@ STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'pretrain': pretrain_stage,
     'sample': sample_stage,
     'chat': chat_stage,
+    'sft': sft_stage,
+    'reward': reward_stage,
+    'ppo': ppo_stage,
+    'grpo': grpo_stage,
+    'dpo': dpo_stage,
     'sweep': sweep_stage,
     'scaling': scaling_stage,
 }

@@ -103,7 +103,7 @@ def test_analytic_flops_match_xla(layers, width):
   c.train.batch_size = 8
   seq_len = c.train.seq_len
   trainer = init_trainer(c, BYTE_VOCAB, devices=jax.devices()[:1])
-  step = make_train_step(trainer, causal_lm_loss(trainer.model.apply))
+  step = make_train_step(trainer, causal_lm_loss)
   spec = lambda dtype: jax.ShapeDtypeStruct((8, seq_len), dtype)
   batch = {k: spec(jnp.int32) for k in ('inputs', 'targets', 'positions', 'segment_ids')}
   batch['weights'] = spec(jnp.float32)

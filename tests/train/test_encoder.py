@@ -27,7 +27,7 @@ def encoder_trainer(mesh=(1, 1, 1)):
 
 def train_losses(trainer, batches):
   """MLM losses of consecutive steps; masks come from the step rng (seed, step)."""
-  step = make_train_step(trainer, masked_lm_loss(trainer.model.apply, PAD))
+  step = make_train_step(trainer, lambda apply_fn: masked_lm_loss(apply_fn, PAD))
   out = []
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
     for i in batches:

@@ -37,7 +37,7 @@ def loss_and_grads(trainer):
 
 
 def train_losses(trainer, steps):
-  step = make_train_step(trainer, causal_lm_loss(trainer.model.apply))
+  step = make_train_step(trainer, causal_lm_loss)
   losses = []
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
     for batch in steps:

@@ -18,7 +18,7 @@ def first_step(cfg, batch, params=None):
   trainer = init_trainer(cfg, VOCAB, devices=jax.devices()[:1])
   if params is not None:
     trainer.state = trainer.state.replace(params=params)
-  step = make_train_step(trainer, causal_lm_loss(trainer.model.apply))
+  step = make_train_step(trainer, causal_lm_loss)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
     state, m = step(trainer.state, global_batch(batch, trainer.mesh), jax.random.PRNGKey(0))
   return jax.device_get(m), jax.device_get(state.params)
@@ -73,7 +73,7 @@ def test_analytic_flops_match_xla_cost_analysis():
   cfg.model.n_layers, cfg.model.d_model, cfg.model.d_ff, cfg.model.n_heads = 2, 128, 512, 4
   cfg.train.seq_len, cfg.train.batch_size = 64, 4
   trainer = init_trainer(cfg, 256, devices=jax.devices()[:1])
-  step = make_train_step(trainer, causal_lm_loss(trainer.model.apply))
+  step = make_train_step(trainer, causal_lm_loss)
   batch = random_batch(np.random.default_rng(3), 4, 64, 256)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
     compiled = step.lower(trainer.state, global_batch(batch, trainer.mesh),

@@ -1,0 +1,141 @@
+"""Preference pairs for the reward and DPO stages (`rlhf.data`), and a resumable iterator over
+their pair batches (train/preference.py `pair_batch`).
+
+  synthetic  prompts from the chain, two responses sampled from the base policy per prompt (the
+             caller's `sample`), labelled by Bradley-Terry noise on the gold score: a pair's gold
+             margin is kept, so accuracy can be measured against the truth, not the noisy label
+  hh:GLOB    Anthropic HH {"chosen", "rejected"} dialogues rendered with the chat template; a row
+             ends with its last reply's end marker, the shared dialogue before that reply is the prompt
+
+Pairs are split by data/sources.holdout_mask (every k-th pair held out), so the reward and DPO
+stages of one seed train and evaluate on the same pairs.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import grain
+import numpy as np
+
+from data import formats
+from data.preferences import ChainTask, prefers_first
+from data.sft import render, resolve_template
+from data.sources import holdout_mask
+from model.errors import UserError
+
+Sample = Callable[[np.ndarray, int], list[np.ndarray]]  # (prompts [n, p], seed) -> n responses
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+  """Whole sequences (prompt then response); chosen[i] and rejected[i] share prompt_lengths[i]."""
+  chosen: list[np.ndarray]
+  rejected: list[np.ndarray]
+  prompt_lengths: np.ndarray  # [n]
+  gold_margin: np.ndarray | None = None  # [n] gold(chosen) - gold(rejected) (synthetic only)
+
+  def select(self, keep: np.ndarray) -> 'Pairs':
+    rows = np.flatnonzero(keep)
+    margin = None if self.gold_margin is None else self.gold_margin[rows]
+    return Pairs([self.chosen[i] for i in rows], [self.rejected[i] for i in rows],
+                 self.prompt_lengths[rows], margin)
+
+
+def split_pairs(pairs: Pairs, n_eval: int) -> tuple[Pairs, Pairs]:
+  """(train, held-out): `n_eval` pairs spread evenly through the set are held out."""
+  if not 0 < n_eval < len(pairs.chosen):
+    raise UserError(f'rlhf.eval_pairs={n_eval} must be between 1 and the {len(pairs.chosen)} pairs '
+                    'read; lower it or raise rlhf.pairs')
+  held = holdout_mask(len(pairs.chosen), n_eval / len(pairs.chosen))
+  return pairs.select(~held), pairs.select(held)
+
+
+def synthetic_pairs(task: ChainTask, sample: Sample, n: int, prompt_len: int,
+                    label_temperature: float, seed: int) -> Pairs:
+  """`n` prompts, two sampled responses each, the pair ordered by a noisy gold label."""
+  rng = np.random.default_rng([seed, 7])
+  prompts = task.prompts(rng, n, prompt_len)
+  a, b = sample(prompts, 2 * seed), sample(prompts, 2 * seed + 1)
+  gold_a, gold_b = task.measure(prompts, a)['gold'], task.measure(prompts, b)['gold']
+  first = prefers_first(gold_a, gold_b, label_temperature, rng)
+  join = lambda p, r: np.concatenate([p, r]).astype(np.int32)
+  chosen = [join(p, x if f else y) for p, x, y, f in zip(prompts, a, b, first)]
+  rejected = [join(p, y if f else x) for p, x, y, f in zip(prompts, a, b, first)]
+  margin = np.where(first, gold_a - gold_b, gold_b - gold_a)
+  return Pairs(chosen, rejected, np.full(n, prompts.shape[1]), margin)
+
+
+def hh_pairs(pattern: str, tokenizer: Any, template: str, width: int, limit: int) -> Pairs:
+  """The first `limit` HH pairs whose rows fit in `width` tokens and share their prompt."""
+  template = resolve_template(tokenizer, template)
+  chosen, rejected, prompt_lengths = [], [], []
+  for pair in formats.read_hh_pairs(pattern, 'rlhf.data'):
+    rows = [render(tokenizer, messages, template) for messages in pair]
+    ends = [int(np.flatnonzero(r.trainable).max()) + 1 if r.trainable.any() else 0 for r in rows]
+    start = rows[0].reply_start
+    shared = rows[1].reply_start == start and np.array_equal(rows[0].ids[:start], rows[1].ids[:start])
+    if not shared or min(ends) <= start or max(ends) > width:
+      continue
+    chosen.append(rows[0].ids[:ends[0]])
+    rejected.append(rows[1].ids[:ends[1]])
+    prompt_lengths.append(start)
+    if len(chosen) == limit:
+      break
+  if len(chosen) < 2:
+    raise UserError(f'rlhf.data=hh:{pattern} gave {len(chosen)} pairs that fit train.seq_len={width}; '
+                    'raise train.seq_len')
+  return Pairs(chosen, rejected, np.array(prompt_lengths))
+
+
+def prompts_of(pairs: Pairs) -> list[np.ndarray]:
+  """The prompt of each pair (for sampling the policy on the pairs' dialogues)."""
+  return [row[:n] for row, n in zip(pairs.chosen, pairs.prompt_lengths)]
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
+  """Every pair once, in order; the last batch is filled with weight-0 copies of pair 0."""
+  n = len(arrays['weights'])
+  batches = []
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, start + batch_size)
+    real = rows < n
+    batch = {k: v[np.where(real, rows, 0)] for k, v in arrays.items()}
+    batch['weights'] = batch['weights'] * real
+    batches.append(batch)
+  return batches
+
+
+class PairIterator(grain.DatasetIterator):
+  """Endless batches of pairs, each epoch a fresh (seed, epoch) permutation; process p of P takes
+  rows [p·b, (p+1)·b) of every global batch of P·b. State: (epoch, position), exact on resume."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    super().__init__()
+    self._arrays, self._batch, self._seed = arrays, batch_size, seed
+    self._shard = (process_index, process_count)
+    self._n = len(arrays['weights'])
+    if self._n < batch_size * process_count:
+      raise UserError(f'{self._n} training pairs are fewer than one batch of '
+                      f'{batch_size * process_count}; lower train.batch_size or raise rlhf.pairs')
+    self._epoch, self._position = 0, 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    p, count = self._shard
+    size = self._batch * count
+    if self._position + size > self._n:
+      self._epoch, self._position = self._epoch + 1, 0
+    order = np.random.default_rng([self._seed, self._epoch]).permutation(self._n)
+    rows = order[self._position + p * self._batch:self._position + (p + 1) * self._batch]
+    self._position += size
+    return {k: v[rows] for k, v in self._arrays.items()}
+
+  def get_state(self) -> dict:
+    return {'epoch': self._epoch, 'position': self._position, 'n_pairs': self._n,
+            'seed': self._seed}
+
+  def set_state(self, state: dict) -> None:
+    if (state.get('n_pairs'), state.get('seed')) != (self._n, self._seed):
+      raise UserError(f'data iterator state is for {state.get("n_pairs")} pairs and seed '
+                      f'{state.get("seed")}, this run has {self._n} and {self._seed}; resume with '
+                      'the same rlhf settings and seed, or use a fresh workdir')
+    self._epoch, self._position = int(state['epoch']), int(state['position'])

@@ -1,0 +1,146 @@
+"""Stage `reward`: a Bradley-Terry reward model on preference pairs, and the loader PPO uses.
+
+  python run.py --config=experiments/rlhf_synthetic.py:reward --workdir=runs/rlhf/reward \\
+      --config.pretrained=runs/rlhf/base
+
+The model is the base LM's backbone with a scalar head read at each row's last real token
+(model/heads.py), all weights or LoRA adapters plus the head trained. Held-out pairwise accuracy
+is the eval metric (and, on the synthetic task, accuracy against the sign of the gold margin).
+After training, the scores of reference-policy samples fix the normalisation (mean 0, std 1),
+stored beside the checkpoint in reward_stats.json, so PPO's reward starts centred at unit scale.
+"""
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from data.pairs import PairIterator, Pairs, eval_batches
+from experiments.base import get_config
+from model.errors import UserError
+from model.heads import build_scalar_model, lm_backbone, sequence_scores
+from model.pretrained import Pretrained, with_saved
+from train import checkpoint
+from train.loop import Trainer, init_trainer, run_training
+from train.mesh import LOGICAL_RULES
+from train.preference import normalize_scores, pair_batch, reward_model_loss, score_stats
+from train.rollouts import STATS_KEY, PromptSource, preference_pairs, rollout_rows, sample
+from train.sft import load_base
+
+STATS_FILE = 'reward_stats.json'
+SUMMARY_FILE = 'reward_summary.json'
+
+
+@dataclasses.dataclass
+class RewardModel:
+  """A trained reward model and its normalisation; `scores` gives normalised sequence rewards."""
+  trainer: Trainer
+  stats: tuple[float, float]
+
+  def raw_scores(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The scalar at each row's last real token, for rows [..., t] (rollouts or pairs)."""
+    t = self.trainer
+    with jax.set_mesh(t.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      return np.asarray(score_rows(t.eval_model.apply, t.variables(), rows['tokens'],
+                                   rows['positions'], rows['segment_ids']))
+
+  def scores(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(normalize_scores(self.raw_scores(rows), self.stats))
+
+
+@functools.partial(jax.jit, static_argnames='apply_fn')
+def score_rows(apply_fn: Callable, variables: Any, tokens: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
+  return sequence_scores(apply_fn, variables, tokens, positions, segment_ids)
+
+
+def reward_trainer(cfg: ConfigDict, base_config: Any, base_params: Any) -> Trainer:
+  """The reward model (or a critic) on the base: its backbone and a fresh score head."""
+  return init_trainer(cfg, base_config.vocab_size, model_cfg=base_config,
+                      init_params=lm_backbone(base_params), build=build_scalar_model,
+                      fresh=('score_head',))
+
+
+def read_json(path: str) -> Any:
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def load_reward_model(workdir: str) -> RewardModel:
+  """The reward model a stage=reward run left in `workdir`, with its normalisation."""
+  try:
+    saved, stats = (read_json(os.path.join(workdir, name)) for name in ('config.json', STATS_FILE))
+  except (OSError, ValueError) as e:
+    raise UserError(f'{workdir} is not a finished reward run ({e}); set rlhf.reward_model to the '
+                    'workdir of a completed stage=reward run') from None
+  cfg = with_saved(get_config().to_dict(), saved)
+  if cfg.stage != 'reward':
+    raise UserError(f'{workdir} was trained by stage={cfg.stage!r}, not reward; point '
+                    'rlhf.reward_model at a reward run')
+  base = load_base(cfg)
+  trainer = reward_trainer(cfg, base.config, base.params)
+  trainer.state, _ = checkpoint.restore_latest(workdir, trainer.state)
+  return RewardModel(trainer, (stats['mean'], stats['std']))
+
+
+def pair_scores(model: RewardModel, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+  """Raw rewards [n, 2] of (chosen, rejected) for every pair."""
+  return np.concatenate([model.raw_scores(b) for b in eval_batches(arrays, batch_size)]
+                        )[:len(arrays['weights'])]
+
+
+def reward_stage(cfg: ConfigDict, workdir: str) -> None:
+  r, t = cfg.rlhf, cfg.train
+  base = load_base(cfg)
+  tok = base.tokenizer
+  train_pairs, eval_pairs = preference_pairs(cfg, base)
+  reference = reference_samples(cfg, base)
+  trainer = reward_trainer(cfg, base.config, base.params)
+  del base
+  width = t.seq_len
+  arrays = {name: pair_batch(p.chosen, p.rejected, p.prompt_lengths, width, tok.pad_id)
+            for name, p in (('train', train_pairs), ('eval', eval_pairs))}
+  per_host = t.batch_size // jax.process_count()
+  train_iter = PairIterator(arrays['train'], per_host, cfg.seed, jax.process_index(),
+                            jax.process_count())
+  evals = eval_batches(arrays['eval'], cfg.eval.batch_size or per_host)
+  print(f'reward data: {len(train_pairs.chosen)} train / {len(eval_pairs.chosen)} held-out pairs '
+        f'({r.data})', flush=True)
+  metrics = run_training(trainer, reward_model_loss, train_iter, evals, workdir,
+                         {'train_pairs': len(train_pairs.chosen)})
+  if metrics.get('preempted'):
+    return
+  model = RewardModel(trainer, (0.0, 1.0))
+  mean, std = score_stats(model.scores(reference))
+  with open(os.path.join(workdir, STATS_FILE), 'w', encoding='utf-8') as f:
+    json.dump({'mean': mean, 'std': std, 'samples': len(reference['tokens'])}, f, indent=2)
+  summary = {'eval_accuracy': metrics['eval_accuracy'], 'eval_loss': metrics['eval_loss'],
+             'score_mean': mean, 'score_std': std}
+  if eval_pairs.gold_margin is not None:
+    summary['gold_accuracy'] = gold_accuracy(pair_scores(model, arrays['eval'], per_host),
+                                             eval_pairs)
+  with open(os.path.join(workdir, SUMMARY_FILE), 'w', encoding='utf-8') as f:
+    json.dump(summary, f, indent=2)
+  print('reward model: ' + ', '.join(f'{k} {v:.4f}' for k, v in summary.items()), flush=True)
+
+
+def gold_accuracy(scores: np.ndarray, pairs: Pairs) -> float:
+  """Share of held-out pairs with a gold winner that the reward model orders like the gold score."""
+  decided = pairs.gold_margin != 0
+  agree = (scores[:, 0] > scores[:, 1]) == (pairs.gold_margin > 0)
+  return float(agree[decided].mean())
+
+
+def reference_samples(cfg: ConfigDict, base: Pretrained) -> dict[str, np.ndarray]:
+  """rlhf.stats_samples responses of the base (the PPO reference) to fresh prompts, as rollout
+  rows: the samples that fix the score normalisation."""
+  r, tok = cfg.rlhf, base.tokenizer
+  prompts = PromptSource(cfg, tok).draw(r.stats_samples, STATS_KEY)
+  tokens, lengths = sample(base.model, base.params, prompts, r.response_len, r.temperature,
+                           cfg.seed + 1, tok.eos_id, tok.pad_id)
+  return rollout_rows(prompts, tokens, lengths, tok.pad_id, max(map(len, prompts)) + r.response_len)
