@@ -238,7 +238,7 @@ def test_learns_to_reverse_short_strings():
   step = make_train_step(trainer, seq2seq_loss)
   batches = dataset.train_iter(32, 7)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    for _ in range(300):
+    for _ in range(400):
       trainer.state, _ = step(trainer.state, global_batch(next(batches), trainer.mesh),
                               jax.random.PRNGKey(0))
   score = exact_match(trainer, dataset.eval_examples(7), dataset.tokenizer, 7, 64)
