@@ -80,8 +80,8 @@ def hh_pairs(pattern: str, tokenizer: Any, template: str, width: int, limit: int
     prompt_lengths.append(start)
     if len(chosen) == limit:
       break
-  if len(chosen) < 2:
-    raise UserError(f'rlhf.data=hh:{pattern} gave {len(chosen)} pairs that fit train.seq_len={width}; '
+  if not chosen:
+    raise UserError(f'rlhf.data=hh:{pattern} has no pair whose rows fit train.seq_len={width}; '
                     'raise train.seq_len')
   return Pairs(chosen, rejected, np.array(prompt_lengths))
 

@@ -193,7 +193,7 @@ def get_config() -> ConfigDict:
   r.temperature = 1.0             # ppo, grpo: sampling temperature; log-probs are those of logits / temperature
   r.no_eos_penalty = 1.0          # ppo, grpo: taken off the normalised score of a response cut before its EOS
   r.kl_estimator = 'k1'           # ppo: per-token KL penalty, k1 (log p - log q) | k3 ((r - 1) - log r)
-  r.beta = 0.05                   # ppo: KL coefficient (grpo: of its k3 KL loss term)
+  r.beta = 0.2                    # ppo: KL coefficient on the normalised score (grpo: of its k3 KL loss term)
   r.kl_target = 0.0               # ppo: > 0 = adaptive beta steering the KL (nats/response) to this; 0 = fixed beta
   r.kl_horizon = 10000            # ppo: adaptive controller horizon in samples
   r.clip_eps = 0.2                # ppo, grpo: policy ratio clip

@@ -17,9 +17,11 @@ or all of them for a few seeds, then a table of the before/after figures:
 The base is a 2-layer, width-64 GPT pretrained on 24-symbol documents, so a reply to a BOS + 8
 symbol prompt ends with EOS after 16 symbols. Preference pairs are two samples of the base per
 prompt, labelled with Bradley-Terry noise on the gold score (+1 per target symbol, -5 per illegal
-transition); PPO and DPO start from the base. A run's seed also picks the chain and target class
-(data.synthetic.seed), so seeds are different tasks. `--hack` adds a PPO run with beta = 0 whose
-hacking alarms should fire while the gold score falls.
+transition; target symbols may never follow each other, so piling them up breaks the chain); PPO
+and DPO start from the base. The driver gives each seed its own chain and target class
+(data.synthetic.seed = seed), so seeds are different tasks. `--hack` adds a PPO run with beta = 0
+for 150 iterations, whose hacking alarms should fire while the reward model's score rises and the
+gold score falls. Each stage's log lands beside its workdir (ROOT/seedN/STAGE.log).
 """
 import json
 import os

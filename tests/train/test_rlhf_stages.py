@@ -38,10 +38,11 @@ class RandomPrompts:
 
 
 def target_count(rows):
-  """An exploitable reward: 0.05 per target token in the response, whatever it costs in fluency
-  (with beta = 0.05 the optimum multiplies a target token's odds by e, a KL of ~1 nat/response)."""
+  """An exploitable reward: 0.1 per target token in the response, whatever it costs in fluency
+  (with the default beta = 0.2 the optimum multiplies a target token's odds by e^0.5, a KL of
+  ~0.3 nats/response; with beta = 0 nothing stops the policy)."""
   hits = np.isin(rows['tokens'], TARGET) * rows['response_mask']
-  return 0.05 * hits.sum(1)
+  return 0.1 * hits.sum(1)
 
 
 def rl_config(lora: bool = False, beta: float | None = None):
