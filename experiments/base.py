@@ -198,7 +198,7 @@ def get_config() -> ConfigDict:
   r.kl_horizon = 10000            # ppo: adaptive controller horizon in samples
   r.clip_eps = 0.2                # ppo, grpo: policy ratio clip
   r.value_clip_eps = 0.2          # ppo: value clip around the rollout's values
-  r.entropy_coef = 0.0            # ppo, grpo: entropy bonus per token
+  r.entropy_coef = 0.0            # ppo: entropy bonus per token (grpo has none)
   r.gamma = 1.0                   # ppo: discount
   r.lam = 0.95                    # ppo: GAE lambda
   r.critic_lr = 0.0               # ppo: critic learning rate (0 = train.lr)

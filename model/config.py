@@ -67,9 +67,7 @@ class ModelConfig:
   @property
   def decoder_layers(self) -> int:
     """Depth of the stack that produces the logits (and of its KV cache)."""
-    if self.family == 'encoder_decoder':
-      return self.n_decoder_layers or self.n_layers
-    return self.n_layers
+    return self.n_decoder_layers or self.n_layers  # non-zero only for encoder_decoder (checked)
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:

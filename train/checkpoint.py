@@ -57,6 +57,15 @@ def restore(manager: ocp.CheckpointManager, step: int, like_state: Any,
   return out['state'], out['meta']
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest finished checkpoint step of `workdir`, or None before any (the manager is closed)."""
+  manager = make_manager(workdir, keep=None, async_save=False)  # read-only: never deletes
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def restore_latest(workdir: str, like_state: Any) -> tuple[Any, dict]:
   """The newest finished checkpoint of `workdir` (state and metadata), for inference and sampling."""
   manager = make_manager(workdir, keep=None, async_save=False)  # read-only: never deletes

@@ -177,7 +177,7 @@ def sft_stage(cfg: ConfigDict, workdir: str) -> None:
                                       cfg.eval.max_batches)
   summary_path = os.path.join(workdir, 'sft_summary.json')
   summary: dict[str, Any] = {}
-  if checkpoint.make_manager(workdir, None, False).latest_step() is None:  # before any training
+  if checkpoint.latest_step(workdir) is None:  # before any training
     eval_step = make_eval_step(trainer, task.objective)
     before = evaluate(trainer, eval_step, trainer.state.params, eval_batches, 0.0)
     summary['before'] = {**held_out(before), **generation_report(trainer, dataset, cfg.sft)}

@@ -66,8 +66,9 @@ def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
     print(f'{line}, masked-token accuracy {metrics["eval_accuracy"]:.4f}', flush=True)
     return
   if cfg.model.family == 'encoder_decoder':  # seq2seq: greedy exact match instead of samples
-    score = report_exact_match(trainer, dataset, cfg, workdir)
-    print(f'{line}, held-out exact match {score:.4f}', flush=True)
+    if cfg.data.seq2seq.exact_match:
+      line += f', held-out exact match {report_exact_match(trainer, dataset, cfg, workdir):.4f}'
+    print(line, flush=True)
     return
   if 'eval_bpb' in metrics:
     line += f', {metrics["eval_bpb"]:.4f} bits/byte'

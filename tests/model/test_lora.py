@@ -49,10 +49,11 @@ def test_step0_equals_base_and_training_touches_only_adapters(scan):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 16)), jnp.int32)
   base_logits = base.model.apply({'params': base.state.params}, tokens)
   assert np.array_equal(lora.model.apply(lora.variables(), tokens), base_logits)
-  # Only adapters are trainable: lora_a and lora_b of 7 projections in 2 (stacked if scanned) layers.
+  # Only adapters are trainable: lora_a and lora_b of 7 projections in every (stacked if scanned) layer.
   names = {str(p[-1].key) for p, _ in jax.tree_util.tree_leaves_with_path(lora.state.params)}
   assert names == {'lora_a', 'lora_b'}
-  assert len(jax.tree.leaves(lora.state.params)) == 7 * 2 * (1 if scan else 2)
+  layers = 1 if scan else base.model_cfg.n_layers
+  assert len(jax.tree.leaves(lora.state.params)) == 7 * 2 * layers
   assert count_params(lora.state.params) < count_params(lora.frozen) / 5
 
   frozen_before = jax.tree.map(np.array, lora.frozen)

@@ -3,6 +3,7 @@ reference is the base, the hacking alarms fire without a KL penalty and stay qui
 default one, pair iterators resume exactly, and the four stages run end to end."""
 import dataclasses
 import json
+import math
 import os
 
 import flax.linen as nn
@@ -188,6 +189,8 @@ def test_stages_run_end_to_end(tmp_path):
               'critic_value_loss', 'response_len', 'eos_rate', 'gold', 'illegal_per_response',
               'alarms'):
     assert key in rows[0], key
-  run_stage('dpo', tmp_path / 'dpo', pretrained=str(base), **{'train.steps': 4})
+  run_stage('dpo', tmp_path / 'dpo', pretrained=str(base), **{'train.steps': 4, 'train.log_every': 1})
   summary = json.load(open(tmp_path / 'dpo' / 'dpo_summary.json'))
-  assert summary['before']['kl'] == 0.0 and 0.0 <= summary['implicit_accuracy'] <= 1.0
+  assert summary['before']['kl'] == 0.0
+  first = json.loads(open(tmp_path / 'dpo' / 'metrics.jsonl').readline())
+  assert first['step'] == 1 and abs(first['loss'] - math.log(2)) < 1e-5  # policy == reference
