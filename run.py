@@ -31,6 +31,8 @@ def main(argv: list[str]) -> None:
   if not workdir and cfg.stage != 'chat':  # chat only reads config.pretrained
     sys.exit('error: --workdir is required (where checkpoints, metrics and the tokenizer go)')
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
+  from train.xla_flags import set_cpu_defaults
+  set_cpu_defaults()  # before JAX starts
   import jax  # after flag parsing, so a bad flag fails fast
   from model.errors import UserError
   from train.mesh import maybe_initialize_distributed

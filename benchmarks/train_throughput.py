@@ -21,6 +21,8 @@ flags.DEFINE_integer('vocab', 0, 'Vocabulary size (0 = model.vocab_size or 65, a
 
 
 def main(_):
+  from train.xla_flags import set_cpu_defaults
+  set_cpu_defaults()  # the same XLA flags as run.py, before JAX starts
   import flax.linen as nn
   import jax
   import numpy as np
@@ -65,6 +67,9 @@ def main(_):
   print(f'model FLOP/s   {tokens_per_step * fpt / dt / 1e9:.1f} GFLOP/s ({fpt / 1e6:.2f} MFLOP/token)')
   print(f'MFU            {tokens_per_step * fpt / dt / peak:.1%} of {peak / 1e9:.0f} GFLOP/s peak')
   print(f'peak host RSS  {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:  # accelerators only
+    print(f'peak device memory {stats["peak_bytes_in_use"] / 2**30:.2f} GiB')
 
 
 if __name__ == '__main__':

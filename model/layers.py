@@ -11,6 +11,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
 
@@ -76,8 +77,43 @@ class Linear(nn.Module):
 
 
 def contract(x: Array, w: Array, n: int) -> Array:
-  """Contract the last n axes of x with the first n axes of w."""
+  """Contract the last n axes of x with the first n axes of w. The result is named 'proj' for
+  the remat policies: dot-saving policies cannot see a matmul inside a custom VJP."""
+  return checkpoint_name(_contract(x, w, n), 'proj')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract(x: Array, w: Array, n: int) -> Array:
+  """contract's matmul. The gradient is written out (same math as autodiff) for one reason: the weight gradient
+  x^T·g sums over the token axes, and XLA's CPU dot wants those axes in the inner position of its
+  left operand, so it materialises a transposed copy of that operand. Autodiff always puts the
+  output gradient g on the left; when g is the wider one (the MLP's up projection, 4x wider than
+  x) that copy is 4x larger and gets fused into the GELU backward, which then writes strided
+  (12% of a step at nanoGPT's 6-layer shape). Putting the narrower operand on the left makes
+  the copy the small one. Accelerators lay out dots freely and are unaffected.
+  """
   return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+
+
+def _contract_fwd(x: Array, w: Array, n: int) -> tuple[Array, tuple[Array, Array]]:
+  return _contract(x, w, n), (x, w)
+
+
+def _contract_bwd(n: int, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, w = res
+  lead = tuple(range(x.ndim - n))                     # token axes, shared by x and g
+  w_out = tuple(range(n, w.ndim))
+  dx = jax.lax.dot_general(g, w, ((tuple(range(len(lead), g.ndim)), w_out), ((), ())))
+  if math.prod(x.shape[len(lead):]) <= math.prod(g.shape[len(lead):]):
+    dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())))             # [*in, *out]
+  else:
+    dw_t = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))           # [*out, *in]
+    n_out = g.ndim - len(lead)
+    dw = jnp.transpose(dw_t, (*range(n_out, dw_t.ndim), *range(n_out)))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_contract.defvjp(_contract_fwd, _contract_bwd)
 
 
 def linear(cfg: ModelConfig, features: tuple[int, ...], axes: tuple[str, ...], *, name: str,
@@ -184,11 +220,17 @@ def einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout: Callabl
 
 
 def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str,
-                    bias: Array | None = None) -> Array:
+                    bias: Array | None = None, causal: bool = False) -> Array:
   """jax.nn.dot_product_attention (XLA or cuDNN kernels); same contract as einsum_attention (the
-  kernels take the bias in the compute dtype)."""
+  kernels take the bias in the compute dtype).
+
+  `causal` promises that `mask` already hides every key after its query (aligned at the top left,
+  i.e. no KV cache): cuDNN then skips the masked-out blocks instead of computing and discarding
+  them. It never changes the result (mask AND causal = mask); XLA would only build a second mask.
+  """
   bias = None if bias is None else bias.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation,
+                                      is_causal=causal and implementation == 'cudnn')
 
 
 LayerCache = tuple[Array, Array]  # one layer's keys and values, each [b, s, g, k]
@@ -204,6 +246,7 @@ class Attention(nn.Module):
   """
   cfg: ModelConfig
   deterministic: bool = True
+  causal: bool = False  # self-attention whose mask is causal: a kernel hint (see fused_attention)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array | None,
@@ -230,7 +273,7 @@ class Attention(nn.Module):
       drop = nn.Dropout(c.attn_dropout, deterministic=self.deterministic)
       out = einsum_attention(q, k, v, mask, drop, bias)
     else:
-      out = fused_attention(q, k, v, mask, c.attention, bias)
+      out = fused_attention(q, k, v, mask, c.attention, bias, self.causal and cache is None)
     out = nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
     out = dense((c.d_model,), ('heads', 'head_dim', 'embed'), n_in=2,
                 stddev=0.02 / math.sqrt(2 * c.n_layers), name='out')(out)
@@ -279,6 +322,7 @@ class Block(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
   cross: bool = False
+  causal: bool = False  # the self-attention mask is causal (decoder stacks)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array | None,
@@ -295,7 +339,7 @@ class Block(nn.Module):
     def residual(name: str, h: Array, y: Array) -> Array:  # post-norm: norm(h + y)
       return h + drop(y) if pre else norm(c, name)(h + drop(y))
 
-    y, cache = Attention(c, self.deterministic, name='attn')(
+    y, cache = Attention(c, self.deterministic, self.causal, name='attn')(
         sublayer_input('attn_norm', x), mask, positions, cache=cache, cache_index=cache_index,
         bias=bias)
     x = residual('attn_norm', x, y)

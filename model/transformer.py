@@ -11,11 +11,15 @@ from model.config import ModelConfig
 from model.layers import (Array, Block, LayerCache, Linear, RelativeBias, attention_mask, norm,
                           param_init, sinusoidal_table)
 
+_SAVE_PROJ = jax.checkpoint_policies.save_only_these_names('proj')
 # Named remat policies: what the backward pass may keep instead of recomputing.
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,            # recompute everything
-    'dots': jax.checkpoint_policies.checkpoint_dots,             # keep every matmul output
-    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmuls
+    # keep every matmul output / only weight matmuls ('proj': model.layers.contract's outputs)
+    'dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _SAVE_PROJ),
+    'dots_no_batch': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _SAVE_PROJ),
 }
 
 
@@ -78,12 +82,14 @@ class _ScanBlock(nn.Module):
   cfg: ModelConfig
   deterministic: bool
   cross: bool
+  causal: bool
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array, cache: LayerCache | None,
                cache_index: Array | None, bias: Array | None, encoded: Array | None,
                cross_mask: Array | None) -> tuple[Array, LayerCache | None]:
-    block = block_class(self.cfg)(self.cfg, self.deterministic, self.cross, name='block')
+    block = block_class(self.cfg)(self.cfg, self.deterministic, self.cross, self.causal,
+                                  name='block')
     return block(x, mask, positions, cache, cache_index, bias, encoded, cross_mask)
 
 
@@ -115,12 +121,12 @@ class BlockStack(nn.Module):
       scan = nn.scan(_ScanBlock, variable_axes={'params': 0, 'lora': 0}, split_rngs={'params': True, 'dropout': True},
                      in_axes=(nn.broadcast, nn.broadcast, 0) + (nn.broadcast,) * 4, length=depth,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      return scan(c, self.deterministic, self.cross, name='layers')(
+      return scan(c, self.deterministic, self.cross, self.causal, name='layers')(
           x, mask, positions, cache, cache_index, bias, encoded, cross_mask)
     cls = block_class(c)
     new_cache = []
     for i in range(depth):
-      x, layer_cache = cls(c, self.deterministic, self.cross, name=f'layers_{i}')(
+      x, layer_cache = cls(c, self.deterministic, self.cross, self.causal, name=f'layers_{i}')(
           x, mask, positions, None if cache is None else cache[i], cache_index, bias, encoded,
           cross_mask)
       new_cache.append(layer_cache)

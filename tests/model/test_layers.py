@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from model.config import model_config
-from model.layers import apply_rope, attention_mask, einsum_attention, fused_attention, sinusoidal_table
+from model.layers import (apply_rope, attention_mask, contract, einsum_attention, fused_attention,
+                          sinusoidal_table)
 from model.transformer import build_model
 from tests.helpers import random_batch, tiny_config
 
@@ -30,6 +31,27 @@ def test_einsum_and_dot_product_attention_agree(heads, kv_heads):
   g_xla = jax.grad(loss(xla), argnums=(0, 1, 2))(q, kk, v)
   for a, b_ in zip(g_ref, g_xla):
     np.testing.assert_allclose(a, b_, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('x_shape,w_shape,n', [
+    ((2, 5, 8), (8, 32), 1),        # up projection: x narrower than g (x on the left)
+    ((2, 5, 32), (32, 8), 1),       # down projection: g narrower (g on the left, then transposed)
+    ((2, 5, 8), (8, 4, 3), 1),      # into heads: out axes (heads, head_dim)
+    ((2, 5, 4, 3), (4, 3, 8), 2),   # out of heads: two contracted axes
+])
+def test_contract_gradient_equals_autodiff(x_shape, w_shape, n):
+  """contract's hand-written VJP (operand order chosen for XLA CPU layouts) is autodiff's math."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+  plain = lambda x, w: jax.lax.dot_general(
+      x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+  probe = jnp.asarray(rng.normal(size=plain(x, w).shape), jnp.float32)
+  loss = lambda f: jax.jit(jax.grad(lambda x, w: (jnp.sin(f(x, w)) * probe).sum(), argnums=(0, 1)))
+  np.testing.assert_allclose(contract(x, w, n), plain(x, w), rtol=1e-6)
+  for ours, ref in zip(loss(lambda x, w: contract(x, w, n))(x, w), loss(plain)(x, w)):
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_whole_model_attention_switch_same_logits():
