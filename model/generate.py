@@ -46,7 +46,9 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
     raise UserError(f'max_new_tokens={max_new_tokens} must be at least 1')
   longest = max(len(p) for p in prompts)
   width, steps = bucket(longest), bucket(max_new_tokens)
-  limit = min(max_new_tokens, cfg.max_len - longest)
+  # The first token comes from the prefill; each later one feeds its predecessor at the next
+  # position, so the last token needs no slot: max_len - longest + 1 fit in the context.
+  limit = min(max_new_tokens, cfg.max_len - longest + 1)
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   for row, prompt in zip(tokens, prompts):
     row[width - len(prompt):] = prompt

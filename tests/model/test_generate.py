@@ -110,7 +110,13 @@ def test_generation_stops_at_the_context_length():
   cfg, params = tiny(pos_encoding='learned')  # a position table: overrunning it would be wrong
   out = generate(build_model(cfg), params, [[1] * 40, [2]], max_new_tokens=20,
                  rng=jax.random.PRNGKey(0), sampling=GREEDY)
-  assert out.tokens.shape == (2, cfg.max_len - 40) and out.lengths.tolist() == [8, 8]
+  # The context holds the prompt and every generated token but the last (which is never fed):
+  # 48 - 40 + 1 = 9 tokens, and greedy decoding equals argmax of one full 48-token forward.
+  assert out.tokens.shape == (2, cfg.max_len - 40 + 1) and out.lengths.tolist() == [9, 9]
+  generated = np.asarray(out.tokens[0]).tolist()
+  logits = full_logits(cfg, params, [[1] * 40 + generated[:-1]])[0]
+  assert len(logits) == cfg.max_len
+  np.testing.assert_array_equal(logits[39:].argmax(-1), generated)
 
 
 def test_prompt_longer_than_context_is_a_one_line_error():
