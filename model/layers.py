@@ -84,13 +84,13 @@ def contract(x: Array, w: Array, n: int) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _contract(x: Array, w: Array, n: int) -> Array:
-  """contract's matmul. The gradient is written out (same math as autodiff) for one reason: the weight gradient
-  x^T·g sums over the token axes, and XLA's CPU dot wants those axes in the inner position of its
-  left operand, so it materialises a transposed copy of that operand. Autodiff always puts the
-  output gradient g on the left; when g is the wider one (the MLP's up projection, 4x wider than
-  x) that copy is 4x larger and gets fused into the GELU backward, which then writes strided
-  (12% of a step at nanoGPT's 6-layer shape). Putting the narrower operand on the left makes
-  the copy the small one. Accelerators lay out dots freely and are unaffected.
+  """contract's matmul. Its gradient is written out (autodiff's math) for one reason: the weight
+  gradient x^T·g sums over the token axes, and XLA's CPU dot wants those axes in the inner
+  position of its left operand, so it materialises a transposed copy of that operand. Autodiff
+  always puts the output gradient g on the left; when g is the wider one (the MLP's up
+  projection, 4x wider than x) that copy is 4x larger and gets fused into the GELU backward,
+  which then writes strided (12% of a step at nanoGPT's 6-layer shape). Putting the narrower
+  operand on the left makes the copy the small one. Accelerators lay out dots freely.
   """
   return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
 

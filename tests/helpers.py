@@ -1,4 +1,4 @@
-"""Small builders shared by tests: a tiny config and random packed batches."""
+"""Small builders shared by tests: a tiny config, random packed batches, a few train steps."""
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -33,3 +33,23 @@ def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int,
   weights[:, :-1] *= seg[:, 1:] == seg[:, :-1]  # no target across a document boundary
   return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg, positions=pos,
               weights=weights)
+
+
+def train_metrics(trainer, objective, batches, seed: int, names: tuple[str, ...] = ('loss',)
+                  ) -> np.ndarray:
+  """Consecutive train steps of `trainer` on host `batches` (one step rng, `seed`), under its mesh
+  and the logical rules: the logged metrics `names` per step, [steps] for one name."""
+  import flax.linen as nn
+  import jax
+
+  from train.loop import make_train_step
+  from train.mesh import LOGICAL_RULES, global_batch
+  step = make_train_step(trainer, objective)
+  rows = []
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    for batch in batches:
+      trainer.state, m = step(trainer.state, global_batch(batch, trainer.mesh),
+                              jax.random.PRNGKey(seed))
+      rows.append([float(m[k]) for k in names])
+  out = np.array(rows)
+  return out[:, 0] if len(names) == 1 else out

@@ -22,7 +22,7 @@ from train.mesh import LOGICAL_RULES, global_batch
 from train.objectives import seq2seq_loss
 from train.metrics import flops_per_token
 from train.seq2seq_eval import exact_match
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, train_metrics
 
 VOCAB, S, T = 64, 16, 12
 SPECIALS = types.SimpleNamespace(pad_id=0, bos_id=1, eos_id=2)
@@ -171,14 +171,7 @@ def test_scan_and_remat_match_the_layer_loop():
 
 
 def train_losses(trainer, batches):
-  step = make_train_step(trainer, seq2seq_loss)
-  out = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    for i in batches:
-      trainer.state, m = step(trainer.state, global_batch(BATCHES[i], trainer.mesh),
-                              jax.random.PRNGKey(1))
-      out.append(float(m['loss']))
-  return np.array(out)
+  return train_metrics(trainer, seq2seq_loss, [BATCHES[i] for i in batches], seed=1)
 
 
 def loss_and_grads(trainer):

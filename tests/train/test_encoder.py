@@ -4,13 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 from train import checkpoint
-from train.loop import init_trainer, make_train_step
-from train.mesh import LOGICAL_RULES, global_batch
+from train.loop import init_trainer
 from train.objectives import mask_tokens, masked_lm_loss
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config, train_metrics
 
 VOCAB, PAD = 64, 0
 BATCHES = [random_batch(np.random.default_rng(i), 16, 16, VOCAB) for i in range(8)]
@@ -27,14 +25,8 @@ def encoder_trainer(mesh=(1, 1, 1)):
 
 def train_losses(trainer, batches):
   """MLM losses of consecutive steps; masks come from the step rng (seed, step)."""
-  step = make_train_step(trainer, lambda apply_fn: masked_lm_loss(apply_fn, PAD))
-  out = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    for i in batches:
-      trainer.state, m = step(trainer.state, global_batch(BATCHES[i], trainer.mesh),
-                              jax.random.PRNGKey(1))
-      out.append((float(m['loss']), float(m['accuracy'])))
-  return np.array(out)
+  return train_metrics(trainer, lambda apply_fn: masked_lm_loss(apply_fn, PAD),
+                       [BATCHES[i] for i in batches], seed=1, names=('loss', 'accuracy'))
 
 
 def test_mask_tokens_follows_bert_recipe():

@@ -5,10 +5,10 @@ import pytest
 import flax.linen as nn
 
 from train import checkpoint
-from train.loop import init_trainer, make_train_step
+from train.loop import init_trainer
 from train.mesh import LOGICAL_RULES, global_batch
 from train.objectives import causal_lm_loss
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config, train_metrics
 
 VOCAB = 64
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 4, 2)]
@@ -37,14 +37,7 @@ def loss_and_grads(trainer):
 
 
 def train_losses(trainer, steps):
-  step = make_train_step(trainer, causal_lm_loss)
-  losses = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    for batch in steps:
-      trainer.state, m = step(trainer.state, global_batch(BATCHES[batch], trainer.mesh),
-                              jax.random.PRNGKey(0))
-      losses.append(float(m['loss']))
-  return np.array(losses)
+  return train_metrics(trainer, causal_lm_loss, [BATCHES[i] for i in steps], seed=0)
 
 
 @pytest.fixture(scope='module')

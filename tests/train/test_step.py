@@ -1,9 +1,12 @@
 """The train step: accumulation == big batch, remat/scan change nothing, FLOPs match XLA."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import flax.linen as nn
 
+from model.config import model_config
+from model.transformer import build_model
 from train.loop import init_trainer, make_train_step
 from train.mesh import LOGICAL_RULES, global_batch
 from train.metrics import flops_per_token
@@ -58,9 +61,7 @@ def test_remat_policies_recompute_what_they_say():
   """Compiled FLOPs of one gradient: 'full' recomputes the forward (about +1/3), 'dots' keeps
   every matmul output, including the projections behind model.layers.contract's custom VJP, so
   it recomputes almost nothing."""
-  from model.config import model_config
-  from model.transformer import build_model
-  tokens = jax.numpy.zeros((4, 32), jax.numpy.int32)
+  tokens = jnp.zeros((4, 32), jnp.int32)
 
   def grad_flops(remat):
     model = build_model(model_config(tiny_config(remat=remat).model, VOCAB, 32))
