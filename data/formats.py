@@ -9,7 +9,7 @@ with at least one assistant reply (what SFT trains on). Sources (`sft.train`, `s
   hh:GLOB                 Anthropic HH {"chosen", ...}             -> the chosen dialogue's turns
   synthetic_instruct      a copy task over data.synthetic's Markov chain (`synthetic_instruct`)
 
-Two more `sft.train` kinds are not conversations (train/sft.py dispatches on the kind):
+Two more `sft.train` kinds are not conversations (train/stages/sft.py dispatches on the kind):
   text:GLOB               plain text files, every token trained (data/sft.py build_text_dataset)
   classify:GLOB           {"text", "label": str | int}          -> (text, label), `read_labeled`
 

@@ -1,5 +1,5 @@
 """Preference pairs for the reward and DPO stages (`rlhf.data`), and a resumable iterator over
-their pair batches (train/preference.py `pair_batch`).
+their pair batches (train/rl/preference.py `pair_batch`).
 
   synthetic  prompts from the chain, two responses sampled from the base policy per prompt (the
              caller's `sample`), labelled by Bradley-Terry noise on the gold score: a pair's gold

@@ -171,7 +171,7 @@ def sample_pairs(gold: GoldReward, rng: np.random.Generator, n_pairs: int, promp
 def pair_sequences(pairs: PreferencePairs, symbol_ids: np.ndarray, bos_id: int, eos_id: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(chosen, rejected, prompt_lengths) as token ids [BOS, prompt, completion, EOS], the documents'
-  training format, ready for train/preference.py's `pair_batch`."""
+  training format, ready for train/rl/preference.py's `pair_batch`."""
   n = len(pairs.prompts)
   ids = lambda completion: np.concatenate(
       [np.full((n, 1), bos_id), symbols_to_ids(pairs.prompts, symbol_ids),

@@ -127,7 +127,7 @@ def get_config() -> ConfigDict:
   p.num_samples = 1
   p.seed = 0
 
-  # ---- sweeps (stage=sweep) and scaling studies (stage=scaling); see experiments/stages.py ------
+  # ---- sweeps (stage=sweep) and scaling studies (stage=scaling); see train/stages/studies.py ------
   w = c.sweep = ConfigDict()
   w.experiment = ''               # config file every trial runs (with stage=pretrain): usually this file
   w.trials = 'trials'             # stage=sweep: its function trials(config) -> list of override dicts
@@ -174,7 +174,7 @@ def get_config() -> ConfigDict:
   f.max_new_tokens = 256          # longest generated reply in that eval
   f.probe = ''                    # a question answered greedily before and after (forgetting check)
 
-  # ---- RLHF (stages reward, ppo, grpo, dpo); see train/reward_stage.py, ppo_stage.py, dpo_stage.py --
+  # ---- RLHF (stages reward, ppo, grpo, dpo); see train/stages/reward.py, ppo_stage.py, dpo_stage.py --
   r = c.rlhf = ConfigDict()
   r.data = 'synthetic'            # synthetic (ground truth: pairs sampled from config.pretrained, labelled by
                                   # the chain's gold score; data.synthetic must be the base's) | hh:GLOB (Anthropic HH)

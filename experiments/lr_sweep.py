@@ -10,7 +10,8 @@ import os
 
 from ml_collections import ConfigDict
 
-from experiments import base, sweep
+from experiments import base
+from experiments.studies import sweep
 
 STDLIB_SOURCE = 'text:' + os.path.join(os.path.dirname(os.__file__), '*.py')
 

@@ -13,7 +13,7 @@ from data.pipeline import build_dataset
 from experiments import quickstart, sft_quickstart
 from tests.test_run import ROOT, env, one_line_error
 from train.loop import pretrain
-from train.sft import sft_stage
+from train.stages.sft import sft_stage
 
 SEQ_LEN = 32
 SYNTHETIC = {'n_docs': 400, 'doc_len': SEQ_LEN - 1}

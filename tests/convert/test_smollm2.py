@@ -5,7 +5,7 @@ import pytest
 
 from experiments import chat_smollm2
 from model import load_pretrained
-from model.chat import chat_stage
+from train.stages.chat import chat_stage
 from model.pretrained import packaged_gguf
 from tests.convert.files import hf_logits
 

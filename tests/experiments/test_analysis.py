@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 
-from experiments import plots, scaling, scaling_cpu
+from experiments import scaling_cpu
+from experiments.studies import plots, scaling
 from tests.experiments.test_fits import TRUE, synthetic_runs
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from experiments import fits
+from experiments.studies import fits
 
 TRUE = fits.ParametricFit(A=400.0, B=1500.0, E=1.0, alpha=0.35, beta=0.40, objective=0.0)
 BUDGETS = (3e11, 6e11, 1.2e12, 2.4e12, 5e12)

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import pytest
 from ml_collections import ConfigDict
 
-from experiments import scaling, scaling_cpu, scaling_smoke
+from experiments import scaling_cpu, scaling_smoke
+from experiments.studies import scaling
 from model.config import model_config
 from model.errors import UserError
 from train.loop import init_trainer, make_train_step

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import sweep
-from experiments.stages import inherited_overrides
+from experiments.studies import sweep
+from train.stages.studies import inherited_overrides
 from experiments.base import get_config
 from model.errors import UserError
 

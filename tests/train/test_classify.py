@@ -19,7 +19,7 @@ from model.heads import build_classifier
 from model.transformer import mean_pool
 from tests.helpers import tiny_config
 from train.loop import init_trainer, pretrain
-from train.sft import sft_stage
+from train.stages.sft import sft_stage
 
 
 @pytest.fixture(scope='module')

@@ -21,7 +21,7 @@ from train.loop import init_trainer, make_train_step
 from train.mesh import LOGICAL_RULES, global_batch
 from train.objectives import seq2seq_loss
 from train.metrics import flops_per_token
-from train.seq2seq_eval import exact_match
+from train.stages.seq2seq_eval import exact_match
 from tests.helpers import tiny_config, train_metrics
 
 VOCAB, S, T = 64, 16, 12

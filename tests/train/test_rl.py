@@ -21,14 +21,14 @@ from model.heads import (build_scalar_model, gather_last, last_token_index, lm_b
 from model.sampling import Sampling, sample_logits
 from model.transformer import build_model
 from tests.helpers import tiny_config
-from train.hacking import HackingThresholds, hacking_alarms, reward_disagreement
+from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
 from train.loop import init_trainer, make_train_step
 from train.mesh import LOGICAL_RULES, global_batch
-from train.ppo import (clipped_policy_terms, ends_with, gae, group_advantages, grpo_loss,
+from train.rl.ppo import (clipped_policy_terms, ends_with, gae, group_advantages, grpo_loss,
                        join_rollout, ppo_policy_loss, ppo_value_loss, token_rewards)
-from train.preference import (bradley_terry, dpo_loss, pair_batch, response_logprobs,
+from train.rl.preference import (bradley_terry, dpo_loss, pair_batch, response_logprobs,
                               reward_model_loss)
-from train.rl import AdaptiveKL, FixedKL, kl_k1, kl_k3, sequence_logprobs, token_logprobs, whiten
+from train.rl.core import AdaptiveKL, FixedKL, kl_k1, kl_k3, sequence_logprobs, token_logprobs, whiten
 
 VOCAB = 48
 
@@ -44,7 +44,7 @@ def bigram(variables, tokens, positions, segment_ids, rngs=None):
 
 
 def bigram_logprobs(table: np.ndarray, row: np.ndarray) -> np.ndarray:
-  """log p(row[i] | row[i-1]) for i >= 1, 0 at i = 0: the alignment train/rl.py documents."""
+  """log p(row[i] | row[i-1]) for i >= 1, 0 at i = 0: the alignment train/rl/core.py documents."""
   logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
   return np.array([0.0] + [logp[row[i - 1], row[i]] for i in range(1, len(row))])
 

@@ -19,9 +19,9 @@ from model.transformer import build_model
 from tests.helpers import tiny_config
 from train.loop import init_trainer
 from train.mesh import LOGICAL_RULES
-from train.rl_loop import RlRun, collect, train_rl
+from train.stages.rl_loop import RlRun, collect, train_rl
 from train.stages import STAGES
-from train.rollouts import reference_variables, rollout_rows, token_logprobs_of
+from train.stages.rollouts import reference_variables, rollout_rows, token_logprobs_of
 
 VOCAB, PAD = 16, 0
 EOS = VOCAB  # no token: every response runs to rlhf.response_len

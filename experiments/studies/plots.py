@@ -10,7 +10,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-from experiments import fits  # noqa: E402
+from experiments.studies import fits  # noqa: E402
 
 
 def _save(fig, path: str) -> str:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import fits, sweep
+from experiments.studies import fits, sweep
 from model.config import model_config
 from model.errors import UserError
 from model.transformer import build_model

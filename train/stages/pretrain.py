@@ -1,6 +1,5 @@
-"""The stages run.py can select with `config.stage`. Each is a function (config, workdir) -> None."""
+"""Stages `pretrain` and `sample`: train a model from scratch on `config.data`, and sample a workdir."""
 import os
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -9,19 +8,13 @@ from ml_collections import ConfigDict
 from data.pipeline import Dataset, build_dataset
 from data.seq2seq import Seq2SeqDataset, build_seq2seq_dataset
 from data.tokenizer import Tokenizer, load_tokenizer
-from experiments.stages import scaling_stage, sweep_stage
-from model.chat import chat_stage
 from model.errors import UserError
 from model.generate import generate
 from model.sampling import Sampling
 from train import checkpoint
 from train.loop import Trainer, init_trainer, pretrain
 from train.mesh import LOGICAL_RULES
-from train.seq2seq_eval import report_exact_match
-from train.dpo_stage import dpo_stage
-from train.ppo_stage import grpo_stage, ppo_stage
-from train.reward_stage import reward_stage
-from train.sft import sft_stage
+from train.stages.seq2seq_eval import report_exact_match
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -87,17 +80,3 @@ def sample_stage(cfg: ConfigDict, workdir: str) -> None:
   trainer = init_trainer(cfg, tokenizer.vocab_size)
   trainer.state, _ = checkpoint.restore_latest(workdir, trainer.state)
   print_samples(trainer, tokenizer, cfg.sample)
-
-
-STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
-    'pretrain': pretrain_stage,
-    'sample': sample_stage,
-    'chat': chat_stage,
-    'sft': sft_stage,
-    'reward': reward_stage,
-    'ppo': ppo_stage,
-    'grpo': grpo_stage,
-    'dpo': dpo_stage,
-    'sweep': sweep_stage,
-    'scaling': scaling_stage,
-}

@@ -20,7 +20,7 @@ import numpy as np
 from model.errors import UserError
 from model.heads import sequence_scores
 from train.objectives import Batch, LossFn
-from train.rl import sequence_logprobs
+from train.rl.core import sequence_logprobs
 
 Array = jax.Array
 

@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 
 from data.sources import load_source
 from data.tokenizer import build_tokenizer
-from experiments import sweep
+from experiments.studies import sweep
 from model.errors import UserError
 
 NOT_INHERITED = ('stage', 'sweep.', 'scaling.')  # sweep-level settings trials do not receive
@@ -89,7 +89,7 @@ def sweep_stage(cfg: ConfigDict, workdir: str) -> None:
   rows = run_trials(cfg, workdir, trials)
   sweep.write_csv(rows, os.path.join(workdir, 'results.csv'))
   if cfg.sweep.plot_x and any(r['state'] == 'finished' for r in rows):
-    from experiments import plots  # matplotlib costs every run.py start ~1 s: load it on use
+    from experiments.studies import plots  # matplotlib costs every run.py start ~1 s: load it on use
     plots.sweep_curves(rows, cfg.sweep.plot_x, os.path.join(workdir, 'results.png'))
   finished = sum(r['state'] == 'finished' for r in rows)
   print(f'sweep: {finished}/{len(rows)} trials finished; results in {workdir}/results.csv', flush=True)
@@ -137,7 +137,7 @@ def write_manifest(workdir: str, cfg: ConfigDict, corpus: dict, wall_minutes: fl
 
 def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   """Plan IsoFLOP runs, run them as a sweep, fit, and write manifest, CSVs, fits.json and plots."""
-  from experiments import plots, scaling  # scipy and matplotlib: loaded on use, not by every run.py
+  from experiments.studies import plots, scaling  # scipy and matplotlib: loaded on use, not by every run.py
   started = time.time()
   os.makedirs(workdir, exist_ok=True)
   corpus, vocab_size = corpus_facts(cfg)

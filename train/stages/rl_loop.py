@@ -1,4 +1,4 @@
-"""The RL iteration loop shared by stages `ppo` and `grpo` (train/ppo_stage.py builds its roles):
+"""The RL iteration loop shared by stages `ppo` and `grpo` (train/stages/ppo.py builds its roles):
 rollouts from the policy, scores from a reward, clipped policy updates against a KL penalty to
 the reference, the hacking detectors, checkpoints and metrics.
 
@@ -13,7 +13,7 @@ critic, a k3 KL loss term weighted by beta.
 Every iteration writes metrics.jsonl (score, KL, score - beta * KL, entropy, clip fraction,
 approximate KL, value loss, response length, EOS rate, the hacking detectors, and on the synthetic
 task the gold score, target share and illegal transitions per response). rl_summary.json holds
-the reference's and the final policy's sample reports (train/rollouts.py) on held-out prompts.
+the reference's and the final policy's sample reports (train/stages/rollouts.py) on held-out prompts.
 """
 import dataclasses
 import functools
@@ -30,14 +30,14 @@ from ml_collections import ConfigDict
 from data.preferences import ChainTask
 from model.errors import UserError
 from train import checkpoint
-from train.hacking import HackingThresholds, hacking_alarms, reward_disagreement
+from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
 from train.loop import Trainer, make_train_step
 from train.mesh import LOGICAL_RULES, global_batch
 from train.metrics import MetricWriter
-from train.ppo import (ends_with, gae, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss,
+from train.rl.ppo import (ends_with, gae, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss,
                        token_rewards)
-from train.rl import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1, token_values, whiten
-from train.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows, generation_params,
+from train.rl.core import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1, token_values, whiten
+from train.stages.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows, generation_params,
                             gold_summary, rollout_rows, sample, sample_report, token_logprobs_of)
 
 SUMMARY_FILE = 'rl_summary.json'

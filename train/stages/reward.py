@@ -28,9 +28,9 @@ from model.pretrained import Pretrained, with_saved
 from train import checkpoint
 from train.loop import Trainer, init_trainer, run_training
 from train.mesh import LOGICAL_RULES
-from train.preference import normalize_scores, pair_batch, reward_model_loss, score_stats
-from train.rollouts import STATS_KEY, PromptSource, preference_pairs, rollout_rows, sample
-from train.sft import load_base
+from train.rl.preference import normalize_scores, pair_batch, reward_model_loss, score_stats
+from train.stages.rollouts import STATS_KEY, PromptSource, preference_pairs, rollout_rows, sample
+from train.stages.sft import load_base
 
 STATS_FILE = 'reward_stats.json'
 SUMMARY_FILE = 'reward_summary.json'

@@ -21,8 +21,8 @@ from model.lora import merge_lora
 from model.pretrained import Pretrained
 from model.sampling import Sampling
 from train.loop import Trainer
-from train.ppo import join_rollout
-from train.rl import kl_k1, sequence_logprobs
+from train.rl.ppo import join_rollout
+from train.rl.core import kl_k1, sequence_logprobs
 
 Rows = dict[str, np.ndarray]
 SAMPLE_CHUNK = 256  # prompts per generate call
@@ -63,7 +63,7 @@ def sampler(model: nn.Module, params: Any, max_new: int, temperature: float, eos
 
 def rollout_rows(prompts: list[np.ndarray] | np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
                  pad_id: int, width: int) -> Rows:
-  """train/ppo.py's rollout layout, right-padded to `width` columns so every iteration's batch
+  """train/rl/ppo.py's rollout layout, right-padded to `width` columns so every iteration's batch
   has one shape (one compilation)."""
   rows = join_rollout(prompts, tokens, lengths, pad_id)
   extra = width - rows['tokens'].shape[1]
@@ -77,7 +77,7 @@ def rollout_rows(prompts: list[np.ndarray] | np.ndarray, tokens: np.ndarray, len
 @functools.partial(jax.jit, static_argnames=('apply_fn', 'temperature'))
 def token_logprobs_of(apply_fn: Callable, variables: Any, batch: Rows, temperature: float
                       ) -> tuple[jax.Array, jax.Array]:
-  """(log-prob, entropy) of every token under `variables` at `temperature` (train/rl.py)."""
+  """(log-prob, entropy) of every token under `variables` at `temperature` (train/rl/core.py)."""
   return sequence_logprobs(apply_fn, variables, batch, temperature)
 
 

@@ -1,5 +1,5 @@
 """Stages `ppo` and `grpo`: the policy, reference, critic and reward model built from the config,
-then train/rl_loop.py's iterations.
+then train/stages/rl_loop.py's iterations.
 
   python run.py --config=experiments/rlhf_synthetic.py:ppo --workdir=runs/rlhf/ppo \\
       --config.pretrained=runs/rlhf/base --config.rlhf.reward_model=runs/rlhf/reward
@@ -16,10 +16,10 @@ from ml_collections import ConfigDict
 
 from model.errors import UserError
 from train.loop import Trainer, init_trainer
-from train.reward_stage import RewardModel, load_reward_model, reward_trainer
-from train.rl_loop import RlRun, train_rl
-from train.rollouts import PromptSource, generation_params, reference_variables
-from train.sft import load_base
+from train.stages.reward import RewardModel, load_reward_model, reward_trainer
+from train.stages.rl_loop import RlRun, train_rl
+from train.stages.rollouts import PromptSource, generation_params, reference_variables
+from train.stages.sft import load_base
 
 
 def critic_trainer(cfg: ConfigDict, base: Any, reward: RewardModel) -> Trainer:

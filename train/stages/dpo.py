@@ -23,11 +23,11 @@ from ml_collections import ConfigDict
 from data.pairs import PairIterator, eval_batches
 from train.loop import Trainer, init_trainer, run_training
 from train.mesh import LOGICAL_RULES, global_batch
-from train.preference import dpo_loss, pair_batch, response_logprobs
-from train.reward_stage import gold_accuracy
-from train.rollouts import (EVAL_KEY, PromptSource, preference_pairs, reference_variables,
+from train.rl.preference import dpo_loss, pair_batch, response_logprobs
+from train.stages.reward import gold_accuracy
+from train.stages.rollouts import (EVAL_KEY, PromptSource, preference_pairs, reference_variables,
                             sample_report)
-from train.sft import load_base
+from train.stages.sft import load_base
 
 SUMMARY_FILE = 'dpo_summary.json'
 

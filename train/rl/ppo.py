@@ -2,7 +2,7 @@
 rollout layout, per-token rewards, GAE, and loss factories that follow train/objectives.py's
 contract (loss SUM over response tokens, metric sums, aux['weight'] = response tokens).
 
-Rollout batch ([b, t] each, aligned to tokens as train/rl.py describes):
+Rollout batch ([b, t] each, aligned to tokens as train/rl/core.py describes):
   tokens       int32  prompt (left-padded) then response (right-padded)
   positions    int32  0.. over real tokens
   segment_ids  int32  1 on real tokens, 0 on padding
@@ -21,7 +21,7 @@ import numpy as np
 
 from model.heads import gather_last, last_token_index
 from train.objectives import Batch, LossFn
-from train.rl import kl_k3, masked_sum, sequence_logprobs, token_values
+from train.rl.core import kl_k3, masked_sum, sequence_logprobs, token_values
 
 Array = jax.Array
 
