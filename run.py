@@ -1,5 +1,4 @@
 """Entry point: python run.py --config=experiments/NAME.py --workdir=DIR [--config.KEY=VALUE ...]"""
-import json
 import os
 import sys
 
@@ -24,6 +23,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: bad flag: {message} (every config field is listed in experiments/base.py)')
 
 
+def architecture_overrides(argv: list[str]) -> list[str]:
+  """The model.* fields set on the command line (--config.model.FIELD=VALUE or ... VALUE)."""
+  prefix = '--config.model.'
+  return [a[len(prefix):].split('=')[0] for a in argv if a.startswith(prefix)]
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --config.train.steps=100')
@@ -33,19 +38,24 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
   from train.xla_flags import set_cpu_defaults
   set_cpu_defaults()  # before JAX starts
-  import jax  # after flag parsing, so a bad flag fails fast
   from model.errors import UserError
   from train.mesh import maybe_initialize_distributed
   from train.stages import STAGES
+  from train.stages.sft import COMPUTE_FIELDS
+  from train.workdir import FROM_SCRATCH, write_config
   try:
     if cfg.stage not in STAGES:
       raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
+    if cfg.get('pretrained') and cfg.stage not in FROM_SCRATCH:  # the base fixes the architecture
+      ignored = [f for f in architecture_overrides(sys.argv) if f not in COMPUTE_FIELDS]
+      if ignored:
+        raise UserError(f'--config.model.{ignored[0]} cannot change the architecture of '
+                        f'config.pretrained={cfg.pretrained!r}; only model.{{{",".join(COMPUTE_FIELDS)}}} '
+                        'apply when fine-tuning')
     maybe_initialize_distributed(cfg.mesh)
     if workdir:
       os.makedirs(workdir, exist_ok=True)
-    if workdir and jax.process_index() == 0:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+      write_config(workdir, cfg)
     STAGES[cfg.stage](cfg, workdir)
   except UserError as e:
     sys.exit(f'error: {e}')

@@ -10,10 +10,10 @@ sentence embeddings, export.
 import dataclasses
 import functools
 import glob
+import importlib.metadata
 import importlib.util
-import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,6 +37,15 @@ class Completions:
   logprobs: list[np.ndarray]    # log-prob of each token under the sampling policy
 
 
+class LoadedModel(NamedTuple):
+  """What a loader returns: the architecture, weights, tokenizer (or None) and the module the
+  weights belong to (a language model, or one with a reward or classifier head)."""
+  config: ModelConfig
+  params: Any
+  tokenizer: Any
+  build: Callable[..., nn.Module] = build_model
+
+
 @dataclasses.dataclass
 class Pretrained:
   """A loaded model. `tokenizer` has encode/decode/bos_id/eos_id/pad_id (None if none shipped)."""
@@ -44,10 +53,11 @@ class Pretrained:
   params: Any
   tokenizer: Any
   source: str
+  build: Callable[..., nn.Module] = build_model
 
   @property
   def model(self) -> nn.Module:
-    return build_model(self.config)
+    return self.build(self.config)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -56,7 +66,8 @@ class Pretrained:
     return getattr(self.tokenizer, 'stop_ids', (self.tokenizer.eos_id,))
 
   def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
-    """f32 logits [t, v] for one id sequence, or [b, t, v] for equal-length rows."""
+    """f32 logits [t, v] for one id sequence, or [b, t, v] for equal-length rows (a reward
+    model's per-token scores [(b,) t], a classifier's class logits [(b,) n_classes])."""
     try:
       ids = np.asarray(token_ids)
     except ValueError:  # ragged rows
@@ -69,8 +80,8 @@ class Pretrained:
       raise UserError(f'{ids.shape[-1]} tokens exceed the model context of {self.config.max_len}; '
                       'pass a shorter sequence')
     rows = jnp.asarray(ids.reshape(-1, ids.shape[-1]), jnp.int32)
-    out = forward(self.params, rows, model=self.model)
-    return np.asarray(out).reshape(*ids.shape, -1)
+    out = np.asarray(forward(self.params, rows, model=self.model))
+    return out.reshape(ids.shape[:-1] + out.shape[1:])
 
   def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
                max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -179,19 +190,28 @@ def load_pretrained(source: str, dtype: str | None = None, attention: str | None
   path = packaged_model(source.removeprefix('package:')) if source.startswith('package:') else source
   if os.path.isfile(path) and path.endswith('.gguf'):
     from model.convert.gguf import load_gguf
-    cfg, params, tokenizer = load_gguf(path)
-  elif os.path.isdir(os.path.join(path, 'checkpoints')):
-    cfg, params, tokenizer = load_workdir(path)
+    loaded = LoadedModel(*load_gguf(path))
   elif os.path.isdir(path) and glob.glob(os.path.join(path, '*.safetensors')):
     from model.convert.hf_bert import is_bert_folder, load_hf_bert
     from model.convert.hf_llama import load_hf_llama
     from model.convert.tokenizer import folder_tokenizer
     cfg, params = load_hf_bert(path) if is_bert_folder(path) else load_hf_llama(path)
-    tokenizer = folder_tokenizer(path)
+    loaded = LoadedModel(cfg, params, folder_tokenizer(path))
   else:
-    raise UserError(f'cannot load {source!r}: not {SOURCES}')
-  cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype, attention=attention or cfg.attention)
-  return Pretrained(cfg, jax.tree.map(jnp.asarray, params), tokenizer, source)
+    loaded = next(filter(None, (load(path) for load in plugin_loaders())), None)
+    if loaded is None:
+      raise UserError(f'cannot load {source!r}: not {SOURCES}')
+  cfg = dataclasses.replace(loaded.config, dtype=dtype or loaded.config.dtype,
+                            attention=attention or loaded.config.attention)
+  return Pretrained(cfg, jax.tree.map(jnp.asarray, loaded.params), loaded.tokenizer, source,
+                    loaded.build)
+
+
+def plugin_loaders() -> list[Callable[[str], LoadedModel | None]]:
+  """Loaders of the `lmlab.loaders` entry points (pyproject.toml): each takes a path and returns a
+  LoadedModel, or None when the path is not its kind. The project's own workdirs load this way
+  (train/workdir.py), so model/ never imports the training library above it."""
+  return [ep.load() for ep in importlib.metadata.entry_points(group='lmlab.loaders')]
 
 
 def package_dirs(package: str) -> list[str]:
@@ -225,60 +245,3 @@ def packaged_gguf(package: str) -> str:
     raise UserError(f'package {package!r} holds {len(files)} .gguf files, expected one; pass the '
                     'file path instead')
   return files[0]
-
-
-def load_workdir(workdir: str) -> tuple[ModelConfig, Any, Any]:
-  """Config, latest-checkpoint params and tokenizer of a run trained by this project.
-
-  A run that fine-tuned another model (`config.pretrained` set: stage sft, reward, ...) takes its
-  architecture and tokenizer from that base; a LoRA run's checkpoint holds only the adapters,
-  which are merged into the base weights here.
-  """
-  from data.tokenizer import load_tokenizer
-  from model.config import model_config, with_lora
-  from model.lora import merge_lora
-  from train import checkpoint
-  from train.state import TrainState, make_optimizer
-  from experiments.base import get_config
-  path = os.path.join(workdir, 'config.json')
-  try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read {path} ({e}); pass a workdir written by run.py') from None
-  cfg = with_saved(get_config().to_dict(), saved)
-  base = None
-  if cfg.get('pretrained') and cfg.stage not in ('pretrain', 'sample', 'chat', 'sweep', 'scaling'):
-    if os.path.abspath(cfg.pretrained) == os.path.abspath(workdir):
-      raise UserError(f'{path} names its own workdir as config.pretrained; point it at the base')
-    base = load_pretrained(cfg.pretrained)
-    mcfg, tokenizer = base.config, base.tokenizer
-  else:
-    tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
-    mcfg = model_config(cfg.model, tokenizer.vocab_size, cfg.train.seq_len)
-  lora_cfg = with_lora(mcfg, cfg.lora) if 'lora' in cfg else mcfg
-  model, tx = build_model(lora_cfg), make_optimizer(cfg.train)
-
-  def init_state() -> TrainState:
-    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    params = variables['lora'] if lora_cfg.lora_rank else variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(init_state))
-  state, _ = checkpoint.restore_latest(workdir, abstract)
-  if lora_cfg.lora_rank:
-    return mcfg, merge_lora(base.params, state.params, lora_cfg), tokenizer
-  return mcfg, state.params, tokenizer
-
-
-def with_saved(defaults: dict, saved: dict) -> Any:
-  """A run's saved config over today's defaults: fields added since the run was made take their
-  default values, so old workdirs keep loading."""
-  from ml_collections import ConfigDict
-  merged = dict(defaults)
-  for key, value in saved.items():
-    both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
-    merged[key] = with_saved(defaults[key], value).to_dict() if both_dicts else value
-  return ConfigDict(merged)

@@ -135,3 +135,15 @@ def test_sigterm_saves_and_resumes(tmp_path):
   result = run(work, *flags)
   assert result.returncode == 0, result.stderr
   assert f'resumed from' in result.stdout and max(losses(work)) == 400
+
+
+def test_architecture_override_of_a_pretrained_base_is_an_error(tmp_path):
+  """With config.pretrained the base fixes the architecture: --config.model.n_layers would be
+  silently ignored, so it is refused by name (compute settings such as model.dtype still apply)."""
+  out = subprocess.run([sys.executable, 'run.py', f'--workdir={tmp_path}',
+                        '--config=experiments/sft_quickstart.py', '--config.pretrained=runs/none',
+                        '--config.model.dtype=float32', '--config.model.n_heads=8'],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1].startswith('error: --config.model.n_heads cannot change the architecture'), lines

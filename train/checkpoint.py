@@ -9,6 +9,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from model.errors import UserError
 
@@ -76,6 +77,19 @@ def restore_latest(workdir: str, like_state: Any) -> tuple[Any, dict]:
     return restore(manager, step, like_state)
   finally:
     manager.close()
+
+
+def latest_leaf_shape(workdir: str, path: tuple[str, ...]) -> tuple[int, ...]:
+  """The saved shape of one state leaf of the newest checkpoint (e.g. a head's kernel, to rebuild
+  the module it belongs to), read from orbax's metadata without loading any array."""
+  step = latest_step(workdir)
+  if step is None:
+    raise UserError(f'no checkpoint under {checkpoint_dir(workdir)}; train first')
+  node = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(checkpoint_dir(workdir)) / str(step) / 'state')
+  for key in path:
+    node = node[key]
+  return tuple(node.shape)
 
 
 def _check_structure(expected: Any, got: Any, path: str) -> None:

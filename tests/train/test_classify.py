@@ -15,11 +15,13 @@ from data.pipeline import build_dataset
 from experiments.base import get_config
 from model.config import model_config
 from model.errors import UserError
+from model import load_pretrained
 from model.heads import build_classifier
 from model.transformer import mean_pool
 from tests.helpers import tiny_config
 from train.loop import init_trainer, pretrain
 from train.stages.sft import sft_stage
+from train.workdir import write_config
 
 
 @pytest.fixture(scope='module')
@@ -56,10 +58,17 @@ def separable(path, n: int = 200) -> str:
 def test_classifier_learns_a_separable_task(encoder, tmp_path):
   workdir = tmp_path / 'classify'
   os.makedirs(workdir)
-  sft_stage(classify_config(encoder, separable(tmp_path / 'c.jsonl'), steps=40), str(workdir))
+  cfg = classify_config(encoder, separable(tmp_path / 'c.jsonl'), steps=40)
+  write_config(str(workdir), cfg)  # as run.py does
+  sft_stage(cfg, str(workdir))
   summary = json.loads((workdir / 'sft_summary.json').read_text())
   assert summary['after']['eval_accuracy'] >= 0.95 and summary['after']['eval_loss'] < summary['before']['eval_loss']
   assert json.loads((workdir / 'labels.json').read_text()) == ['high', 'low']
+  # load_pretrained reopens the workdir as the classifier it trained (encoder + LoRA-free head)
+  lm, rows = load_pretrained(str(workdir)), [json.loads(line) for line in open(tmp_path / 'c.jsonl')]
+  rows = [r for r in rows if len(r['text']) < 28][:50]  # within the 32-token context
+  predicted = [int(np.argmax(lm.logits(lm.prompt_ids(r['text'])))) for r in rows]
+  assert np.mean([['high', 'low'][k] == r['label'] for k, r in zip(predicted, rows)]) >= 0.95
 
 
 def test_lora_trains_adapters_and_the_class_head_only():
@@ -94,3 +103,4 @@ def test_pooled_logits_ignore_padding(pool):
   np.testing.assert_allclose(logits, pooled @ head['kernel'] + head['bias'], rtol=1e-5, atol=1e-6)
   shorter = model.apply({'params': params}, tokens[:, :8], None, segments[:, :8])
   np.testing.assert_allclose(shorter, logits, rtol=1e-5, atol=1e-6)
+

@@ -15,10 +15,7 @@ from train import checkpoint
 from train.loop import Trainer, init_trainer, pretrain
 from train.mesh import LOGICAL_RULES
 from train.stages.seq2seq_eval import report_exact_match
-
-
-def tokenizer_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'tokenizer')
+from train.workdir import tokenizer_dir
 
 
 def print_samples(trainer: Trainer, tokenizer: Tokenizer, s: ConfigDict) -> list[str]:

@@ -21,16 +21,16 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data.pairs import PairIterator, Pairs, eval_batches
-from experiments.base import get_config
 from model.errors import UserError
 from model.heads import build_scalar_model, lm_backbone, sequence_scores
-from model.pretrained import Pretrained, with_saved
+from model.pretrained import Pretrained
 from train import checkpoint
 from train.loop import Trainer, init_trainer, run_training
 from train.mesh import LOGICAL_RULES
 from train.rl.preference import normalize_scores, pair_batch, reward_model_loss, score_stats
 from train.stages.rollouts import STATS_KEY, PromptSource, preference_pairs, rollout_rows, sample
 from train.stages.sft import load_base
+from train.workdir import CONFIG_FILE, read_config
 
 STATS_FILE = 'reward_stats.json'
 SUMMARY_FILE = 'reward_summary.json'
@@ -74,11 +74,11 @@ def read_json(path: str) -> Any:
 def load_reward_model(workdir: str) -> RewardModel:
   """The reward model a stage=reward run left in `workdir`, with its normalisation."""
   try:
-    saved, stats = (read_json(os.path.join(workdir, name)) for name in ('config.json', STATS_FILE))
+    saved, stats = (read_json(os.path.join(workdir, name)) for name in (CONFIG_FILE, STATS_FILE))
   except (OSError, ValueError) as e:
     raise UserError(f'{workdir} is not a finished reward run ({e}); set rlhf.reward_model to the '
                     'workdir of a completed stage=reward run') from None
-  cfg = with_saved(get_config().to_dict(), saved)
+  cfg = read_config(workdir)
   if cfg.stage != 'reward':
     raise UserError(f'{workdir} was trained by stage={cfg.stage!r}, not reward; point '
                     'rlhf.reward_model at a reward run')
