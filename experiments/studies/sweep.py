@@ -27,7 +27,7 @@ from model.errors import UserError
 
 Overrides = dict[str, Any]              # dotted config key -> value
 Sampler = Callable[[np.random.Generator], Any]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # where run.py is
 STATUS_FILE = 'sweep_status.json'
 
 
