@@ -19,7 +19,8 @@ from model.config import ModelConfig, model_config, with_lora
 from model.errors import UserError
 from model.transformer import build_model
 from train import checkpoint
-from train.mesh import LOGICAL_RULES, batch_sharding, check_divisibility, global_batch, make_mesh
+from train.mesh import (LOGICAL_RULES, batch_sharding, check_divisibility, global_batch, make_mesh,
+                        mesh_rules)
 from train.metrics import MetricWriter, device_peak_flops, flops_per_token
 from train.objectives import LossFn, objective_for, objective_weight
 from train.state import TrainState, lr_schedule, make_optimizer
@@ -108,7 +109,7 @@ def init_trainer(cfg: ConfigDict, vocab_size: int, devices: list[jax.Device] | N
 
   heads = tuple(fresh) if mcfg.lora_rank else ()
   rng = jax.random.PRNGKey(cfg.seed)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(mesh):
     abstract = jax.eval_shape(init, rng)
     sharding, frozen_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh,
                                                             LOGICAL_RULES)
@@ -236,7 +237,7 @@ def evaluate(trainer: Trainer, eval_step, params, batches: list[dict], bytes_per
              ) -> dict[str, float]:
   """Loss over the whole held-out split, summed in float64 on the host."""
   totals: dict[str, float] = {}
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     for batch in batches:
       for k, v in jax.device_get(eval_step(params, global_batch(batch, trainer.mesh))).items():
         totals[k] = totals.get(k, 0.0) + float(v)
@@ -321,7 +322,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
                     train_iter)
 
   try:
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with mesh_rules(trainer.mesh):
       train_step = None
       for step in range(start + 1, t.steps + 1):
         batch = global_batch(next(train_iter), trainer.mesh)

@@ -15,14 +15,13 @@ import json
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
 from data.pairs import PairIterator, eval_batches
 from train.loop import Trainer, init_trainer, run_training
-from train.mesh import LOGICAL_RULES, global_batch
+from train.mesh import global_batch, mesh_rules
 from train.rl.preference import dpo_loss, pair_batch, response_logprobs
 from train.stages.reward import gold_accuracy
 from train.stages.rollouts import (EVAL_KEY, PromptSource, preference_pairs, reference_variables,
@@ -42,7 +41,7 @@ def response_logprobs_of(trainer: Trainer, variables: dict[str, Any], arrays: di
   """Sequence log-probs [n, 2] of every pair's responses under `variables`."""
   size = trainer.cfg.train.batch_size
   out = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     for batch in eval_batches(arrays, size):
       out.append(np.asarray(pair_logprobs(trainer.eval_model.apply, variables,
                                           global_batch(batch, trainer.mesh))))
@@ -73,7 +72,7 @@ def dpo_stage(cfg: ConfigDict, workdir: str) -> None:
     return
   prompts = PromptSource(cfg, tok)
   eval_prompts = prompts.draw(r.eval_prompts, EVAL_KEY)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     report = lambda variables: sample_report(trainer.eval_model, variables, reference, tok.eos_id,
                                              tok.pad_id, prompts.task, eval_prompts, r, cfg.seed)
     summary = {'before': report(reference), 'after': report(trainer.variables()),

@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 from ml_collections import ConfigDict
@@ -27,7 +26,7 @@ from model.heads import build_scalar_model, lm_backbone, sequence_scores
 from model.pretrained import Pretrained, with_saved
 from train import checkpoint
 from train.loop import Trainer, init_trainer, run_training
-from train.mesh import LOGICAL_RULES
+from train.mesh import mesh_rules
 from train.rl.preference import normalize_scores, pair_batch, reward_model_loss, score_stats
 from train.stages.rollouts import STATS_KEY, PromptSource, preference_pairs, rollout_rows, sample
 from train.stages.sft import load_base
@@ -45,7 +44,7 @@ class RewardModel:
   def raw_scores(self, rows: dict[str, np.ndarray]) -> np.ndarray:
     """The scalar at each row's last real token, for rows [..., t] (rollouts or pairs)."""
     t = self.trainer
-    with jax.set_mesh(t.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with mesh_rules(t.mesh):
       return np.asarray(score_rows(t.eval_model.apply, t.variables(), rows['tokens'],
                                    rows['positions'], rows['segment_ids']))
 

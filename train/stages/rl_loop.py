@@ -21,7 +21,6 @@ import json
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +31,7 @@ from model.errors import UserError
 from train import checkpoint
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
 from train.loop import Trainer, make_train_step
-from train.mesh import LOGICAL_RULES, global_batch
+from train.mesh import global_batch, mesh_rules
 from train.metrics import MetricWriter
 from train.rl.ppo import (ends_with, gae, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss,
                        token_rewards)
@@ -76,7 +75,7 @@ def rollout(run: RlRun, prompts: list[np.ndarray], width: int, seed: int) -> Row
   reference's log-probs per token (all at rlhf.temperature) and the normalised scores."""
   r, p = run.r, run.policy
   variables = p.variables()
-  with jax.set_mesh(p.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(p.mesh):
     tokens, lengths = sample(p.eval_model, generation_params(p.eval_model, variables), prompts,
                              r.response_len, r.temperature, seed, run.eos_id, run.pad_id)
     rows = rollout_rows(prompts, tokens, lengths, run.pad_id, width)
@@ -91,7 +90,7 @@ def ppo_targets(run: RlRun, rows: Rows, penalty: jax.Array, beta: float) -> Rows
   """PPO's per-token rewards (score on the last token, -beta * KL on each), critic values, GAE
   advantages and returns."""
   c, r, mask = run.critic, run.r, rows['response_mask']
-  with jax.set_mesh(c.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(c.mesh):
     values = critic_values(c.eval_model.apply, c.variables(), rows) * mask
   rewards = token_rewards(jnp.asarray(rows['scores']), penalty, mask, beta, rows['finished'],
                           r.no_eos_penalty)
@@ -158,7 +157,7 @@ def update(run: RlRun, steps: tuple[Callable, Callable | None], batch: Rows, see
     for start in range(0, n, size):
       mini = {k: v[order[start:start + size]] for k, v in batch.items()}
       for trainer, step, prefix in roles:
-        with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        with mesh_rules(trainer.mesh):
           trainer.state, m = step(trainer.state, global_batch(mini, trainer.mesh), key)
         for k, v in jax.device_get(m).items():
           totals.setdefault(prefix + k, []).append(float(v))
@@ -232,7 +231,7 @@ def train_rl(run: RlRun, prompts: PromptSource, workdir: str, steps: int, seed: 
   eval_prompts = prompts.draw(r.eval_prompts, EVAL_KEY)
   report = lambda variables: sample_report(policy.eval_model, variables, run.reference, run.eos_id,
                                            run.pad_id, run.task, eval_prompts, r, seed)
-  with jax.set_mesh(policy.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(policy.mesh):
     before = report(run.reference)
   ckpt = Checkpoints(workdir, policy.cfg.checkpoint.keep)
   start, beta = ckpt.restore(run, r.beta)
@@ -268,7 +267,7 @@ def train_rl(run: RlRun, prompts: PromptSource, workdir: str, steps: int, seed: 
   finally:
     writer.close()
     ckpt.close()
-  with jax.set_mesh(policy.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(policy.mesh):
     after = report(policy.variables())
   summary = {'algo': run.algo, 'before': before, 'after': after, 'iterations': step,
              'first_alarm': first_alarm, 'stopped': stopped}

@@ -35,7 +35,7 @@ from model.sampling import Sampling
 from model.transformer import build_model
 from train import checkpoint
 from train.loop import Trainer, evaluate, init_trainer, make_eval_step, run_training
-from train.mesh import LOGICAL_RULES
+from train.mesh import mesh_rules
 from train.objectives import LossFn, causal_lm_loss, classification_loss, objective_for
 
 # Compute settings a fine-tuning run may change; the architecture always comes from the base.
@@ -69,7 +69,7 @@ def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[
   stops = tuple(getattr(tokenizer, 'stop_ids', (tokenizer.eos_id,)))
   params = inference_params(trainer)
   texts = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     for i in range(0, len(prompts), batch_size):
       out = generate(trainer.eval_model, params, prompts[i:i + batch_size],
                      max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(0),
