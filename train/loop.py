@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from model.config import ModelConfig, model_config, with_lora
 from model.errors import UserError
+from model.lora import merged_params
 from model.transformer import build_model
 from train import checkpoint
 from train.mesh import (LOGICAL_RULES, batch_sharding, check_divisibility, global_batch, make_mesh,
@@ -52,6 +53,11 @@ class Trainer:
     """The full variables of the (adapted) model for `params` (default: the current state)."""
     params = self.state.params if params is None else params
     return full_variables(params, self.frozen, self.heads)
+
+
+def inference_params(trainer: Trainer) -> Any:
+  """The trainer's current weights as one plain tree (adapters merged), for generation."""
+  return merged_params(trainer.variables(), trainer.model_cfg)
 
 
 def full_variables(trainable: Any, frozen: Any, heads: tuple[str, ...] = ()) -> dict[str, Any]:

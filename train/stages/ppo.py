@@ -15,10 +15,10 @@ import jax
 from ml_collections import ConfigDict
 
 from model.errors import UserError
-from train.loop import Trainer, init_trainer
+from train.loop import Trainer, inference_params, init_trainer
 from train.stages.reward import RewardModel, load_reward_model, reward_trainer
 from train.stages.rl_loop import RlRun, train_rl
-from train.stages.rollouts import PromptSource, generation_params, reference_variables
+from train.stages.rollouts import PromptSource, reference_variables
 from train.stages.sft import load_base
 
 
@@ -30,7 +30,7 @@ def critic_trainer(cfg: ConfigDict, base: Any, reward: RewardModel) -> Trainer:
   if not cfg.rlhf.critic_from_reward:
     return reward_trainer(critic_cfg, base.config, base.params)
   rm = reward.trainer
-  full = generation_params(rm.eval_model, rm.variables())
+  full = inference_params(rm)
   critic = reward_trainer(critic_cfg, base.config,
                           {k: v for k, v in full.items() if k != 'score_head'})
   head = jax.device_put(full['score_head'], critic.state_sharding.params['score_head'],

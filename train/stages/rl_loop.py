@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 
 from data.preferences import ChainTask
 from model.errors import UserError
+from model.lora import merged_params
 from train import checkpoint
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
 from train.loop import Trainer, make_train_step
@@ -36,7 +37,7 @@ from train.metrics import MetricWriter
 from train.rl.ppo import (ends_with, gae, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss,
                        token_rewards)
 from train.rl.core import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1, token_values, whiten
-from train.stages.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows, generation_params,
+from train.stages.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows,
                             gold_summary, rollout_rows, sample, sample_report, token_logprobs_of)
 
 SUMMARY_FILE = 'rl_summary.json'
@@ -76,7 +77,7 @@ def rollout(run: RlRun, prompts: list[np.ndarray], width: int, seed: int) -> Row
   r, p = run.r, run.policy
   variables = p.variables()
   with mesh_rules(p.mesh):
-    tokens, lengths = sample(p.eval_model, generation_params(p.eval_model, variables), prompts,
+    tokens, lengths = sample(p.eval_model, merged_params(variables, p.model_cfg), prompts,
                              r.response_len, r.temperature, seed, run.eos_id, run.pad_id)
     rows = rollout_rows(prompts, tokens, lengths, run.pad_id, width)
     logp, entropy = token_logprobs_of(p.eval_model.apply, variables, rows, r.temperature)

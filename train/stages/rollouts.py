@@ -17,7 +17,7 @@ from data.pairs import Pairs, hh_pairs, prompts_of, split_pairs, synthetic_pairs
 from data.preferences import ChainTask, chain_task
 from model.errors import UserError
 from model.generate import generate
-from model.lora import merge_lora
+from model.lora import merged_params
 from model.pretrained import Pretrained
 from model.sampling import Sampling
 from train.loop import Trainer
@@ -135,13 +135,6 @@ class PromptSource:
 
 # ---- the report ---------------------------------------------------------------------------------
 
-def generation_params(model: nn.Module, variables: dict[str, Any]) -> Any:
-  """A plain parameter tree to generate from: adapters, if any, merged into the base."""
-  if 'lora' not in variables:
-    return variables['params']
-  return merge_lora(variables['params'], variables['lora'], model.cfg)
-
-
 def sample_report(model: nn.Module, variables: dict[str, Any], reference: dict[str, Any],
                   eos: int, pad: int, task: ChainTask | None, prompts: list[np.ndarray],
                   r: ConfigDict, seed: int) -> dict[str, float]:
@@ -149,7 +142,7 @@ def sample_report(model: nn.Module, variables: dict[str, Any], reference: dict[s
   the reference (nats/response, k1 on the samples), NLL per token under the reference, length and
   EOS rate, and with a task the gold score, target-symbol share, legal rate and true-chain NLL.
   Run under the policy trainer's mesh."""
-  tokens, lengths = sample(model, generation_params(model, variables), prompts, r.response_len,
+  tokens, lengths = sample(model, merged_params(variables, model.cfg), prompts, r.response_len,
                            r.temperature, seed, eos, pad)
   rows = rollout_rows(prompts, tokens, lengths, pad, max(map(len, prompts)) + r.response_len)
   logp, _ = token_logprobs_of(model.apply, variables, rows, r.temperature)

@@ -29,12 +29,13 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.generate import generate
 from model.heads import build_classifier, lm_backbone
-from model.lora import count_params, merge_lora
+from model.lora import count_params
 from model.pretrained import Pretrained, load_pretrained
 from model.sampling import Sampling
 from model.transformer import build_model
 from train import checkpoint
-from train.loop import Trainer, evaluate, init_trainer, make_eval_step, run_training
+from train.loop import (Trainer, evaluate, inference_params, init_trainer, make_eval_step,
+                        run_training)
 from train.mesh import mesh_rules
 from train.objectives import LossFn, causal_lm_loss, classification_loss, objective_for
 
@@ -52,13 +53,6 @@ def load_base(cfg: ConfigDict) -> Pretrained:
     raise UserError(f'{cfg.pretrained} ships no tokenizer; stage={cfg.stage} needs one')
   base.config = dataclasses.replace(base.config, **{f: cfg.model[f] for f in COMPUTE_FIELDS})
   return base
-
-
-def inference_params(trainer: Trainer) -> Any:
-  """The trained weights as one plain tree (adapters merged), for generation."""
-  if trainer.frozen is None:
-    return trainer.state.params
-  return merge_lora(trainer.frozen, trainer.state.params, trainer.model_cfg)
 
 
 def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[int]],
