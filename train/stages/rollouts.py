@@ -1,5 +1,5 @@
 """What the RLHF stages share: sampling responses from a policy, the reference policy, the rollout
-layout at a fixed width, the task's prompts and pairs, and the before/after report of a policy's
+layout at a fixed width, the task and its prompts (its pairs: train/stages/pairs.py), and the before/after report of a policy's
 samples (KL and NLL under the reference, and the gold score where the task has one).
 
 The reference is the base: under LoRA the policy's own frozen weights with the adapter switched
@@ -13,12 +13,11 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from data.pairs import Pairs, hh_pairs, prompts_of, split_pairs, synthetic_pairs
+from data.pairs import hh_pairs, prompts_of
 from data.preferences import ChainTask, chain_task
 from model.errors import UserError
 from model.generate import generate
 from model.lora import merged_params
-from model.pretrained import Pretrained
 from model.sampling import Sampling
 from train.loop import Trainer
 from train.rl.ppo import join_rollout
@@ -81,28 +80,13 @@ def token_logprobs_of(apply_fn: Callable, variables: Any, batch: Rows, temperatu
   return sequence_logprobs(apply_fn, variables, batch, temperature)
 
 
-# ---- the task: prompts, preference pairs, gold --------------------------------------------------
+# ---- the task and its prompts --------------------------------------------------------------
 
 def task_of(cfg: ConfigDict, tokenizer: Any) -> ChainTask | None:
   """The ground-truth task when rlhf.data is synthetic, else None."""
   if cfg.rlhf.data != 'synthetic':
     return None
   return chain_task(cfg.data.synthetic, cfg.rlhf.n_target, cfg.rlhf.illegal_penalty, tokenizer)
-
-
-def preference_pairs(cfg: ConfigDict, base: Pretrained) -> tuple[Pairs, Pairs]:
-  """(train, held-out) pairs of rlhf.data; synthetic ones are sampled from the base."""
-  r, tok = cfg.rlhf, base.tokenizer
-  if r.data == 'synthetic':
-    sample_base = sampler(base.model, base.params, r.response_len, r.temperature, tok.eos_id,
-                          tok.pad_id)
-    pairs = synthetic_pairs(task_of(cfg, tok), sample_base, r.pairs, r.prompt_len,
-                            r.label_temperature, cfg.seed)
-  elif r.data.startswith('hh:'):
-    pairs = hh_pairs(r.data.removeprefix('hh:'), tok, cfg.sft.template, cfg.train.seq_len, r.pairs)
-  else:
-    raise UserError(f"rlhf.data={r.data!r} is not valid; use synthetic or hh:GLOB")
-  return split_pairs(pairs, r.eval_pairs)
 
 
 class PromptSource:
