@@ -11,8 +11,6 @@ dpo_summary.json adds the reference's and the final policy's sample reports on h
 (with the synthetic task's gold figures) and the implicit rewards' accuracy against the gold sign.
 """
 import functools
-import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -21,6 +19,7 @@ from ml_collections import ConfigDict
 
 from train.loop import Trainer, init_trainer
 from train.mesh import global_batch, mesh_rules
+from train.metrics import write_summary
 from train.rl.preference import dpo_loss, response_logprobs
 from train.stages.pairs import gold_accuracy, load_pair_data, over_pairs, train_on_pairs
 from train.stages.rollouts import EVAL_KEY, PromptSource, reference_variables, sample_report
@@ -67,8 +66,7 @@ def dpo_stage(cfg: ConfigDict, workdir: str) -> None:
     held_out = data.arrays['eval']
     implicit = response_logprobs_of(trainer, trainer.variables(), held_out)
     summary['implicit_gold_accuracy'] = gold_accuracy(implicit - held_out['ref_logprobs'], data.eval)
-  with open(os.path.join(workdir, SUMMARY_FILE), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=2)
+  write_summary(workdir, SUMMARY_FILE, summary)
   for name in ('before', 'after'):
     print(f'{name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in summary[name].items()), flush=True)
   print(f"implicit reward accuracy {summary['implicit_accuracy']:.4f} (held-out labels)"

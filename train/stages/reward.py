@@ -26,6 +26,7 @@ from model.pretrained import Pretrained, with_saved
 from train import checkpoint
 from train.loop import Trainer, init_trainer
 from train.mesh import mesh_rules
+from train.metrics import write_summary
 from train.rl.preference import normalize_scores, reward_model_loss, score_stats
 from train.stages.pairs import gold_accuracy, load_pair_data, over_pairs, per_host_batch, train_on_pairs
 from train.stages.rollouts import STATS_KEY, PromptSource, rollout_rows, sample
@@ -98,15 +99,13 @@ def reward_stage(cfg: ConfigDict, workdir: str) -> None:
     return
   model = RewardModel(trainer, (0.0, 1.0))
   mean, std = score_stats(model.scores(reference))
-  with open(os.path.join(workdir, STATS_FILE), 'w', encoding='utf-8') as f:
-    json.dump({'mean': mean, 'std': std, 'samples': len(reference['tokens'])}, f, indent=2)
+  write_summary(workdir, STATS_FILE, {'mean': mean, 'std': std, 'samples': len(reference['tokens'])})
   summary = {'eval_accuracy': metrics['eval_accuracy'], 'eval_loss': metrics['eval_loss'],
              'score_mean': mean, 'score_std': std}
   if data.eval.gold_margin is not None:
     scores = over_pairs(model.raw_scores, data.arrays['eval'], per_host_batch(cfg))
     summary['gold_accuracy'] = gold_accuracy(scores, data.eval)
-  with open(os.path.join(workdir, SUMMARY_FILE), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=2)
+  write_summary(workdir, SUMMARY_FILE, summary)
   print('reward model: ' + ', '.join(f'{k} {v:.4f}' for k, v in summary.items()), flush=True)
 
 

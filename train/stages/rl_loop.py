@@ -17,7 +17,6 @@ task the gold score, target share and illegal transitions per response). rl_summ
 the reference's and the final policy's sample reports (train/stages/rollouts.py) on held-out prompts.
 """
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -32,7 +31,7 @@ from train import checkpoint
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
 from train.loop import Trainer, make_train_step
 from train.mesh import global_batch, mesh_rules
-from train.metrics import MetricWriter
+from train.metrics import MetricWriter, write_summary
 from train.rl.ppo import ends_with
 from train.rl.core import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1
 from train.stages.rl_variants import VARIANTS, Variant
@@ -237,9 +236,7 @@ def train_rl(run: RlRun, prompts: PromptSource, workdir: str, steps: int, seed: 
     after = report(policy.variables())
   summary = {'algo': run.algo, 'before': before, 'after': after, 'iterations': step,
              'first_alarm': first_alarm, 'stopped': stopped}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, SUMMARY_FILE), 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+  write_summary(workdir, SUMMARY_FILE, summary)
   return summary
 
 
