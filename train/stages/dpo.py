@@ -17,13 +17,13 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from train.loop import Trainer, init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.metrics import write_summary
 from train.rl.preference import dpo_loss, response_logprobs
 from train.stages.pairs import gold_accuracy, load_pair_data, over_pairs, train_on_pairs
 from train.stages.rollouts import EVAL_KEY, PromptSource, reference_variables, sample_report
 from train.stages.sft import load_base
+from train.trainer import Trainer, init_trainer
 
 SUMMARY_FILE = 'dpo_summary.json'
 

@@ -11,9 +11,10 @@ from ml_collections import ConfigDict
 from data.pairs import PairIterator, Pairs, eval_batches, hh_pairs, split_pairs, synthetic_pairs
 from model.errors import UserError
 from model.pretrained import Pretrained
-from train.loop import Trainer, run_training
+from train.loop import run_training
 from train.rl.preference import pair_batch
 from train.stages.rollouts import Rows, sampler, task_of
+from train.trainer import Trainer
 
 
 def preference_pairs(cfg: ConfigDict, base: Pretrained) -> tuple[Pairs, Pairs]:

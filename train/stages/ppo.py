@@ -15,12 +15,12 @@ import jax
 from ml_collections import ConfigDict
 
 from model.errors import UserError
-from train.loop import Trainer, inference_params, init_trainer
 from train.stages.reward import RewardModel, load_reward_model, reward_trainer
 from train.stages.rl_loop import RlRun, train_rl
 from train.stages.rl_variants import VARIANTS
 from train.stages.rollouts import PromptSource, reference_variables
 from train.stages.sft import load_base
+from train.trainer import Trainer, inference_params, init_trainer
 
 
 def critic_trainer(cfg: ConfigDict, base: Any, reward: RewardModel) -> Trainer:

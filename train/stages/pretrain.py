@@ -11,9 +11,10 @@ from model.errors import UserError
 from model.generate import generate
 from model.sampling import Sampling
 from train import checkpoint
-from train.loop import Trainer, init_trainer, pretrain
+from train.loop import pretrain
 from train.mesh import mesh_rules
 from train.stages.seq2seq_eval import report_exact_match
+from train.trainer import Trainer, init_trainer
 
 
 def tokenizer_dir(workdir: str) -> str:

@@ -29,14 +29,15 @@ from model.errors import UserError
 from model.lora import merged_params
 from train import checkpoint
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
-from train.loop import Trainer, make_train_step
+from train.loop import make_train_step
 from train.mesh import global_batch, mesh_rules
 from train.metrics import MetricWriter, write_summary
 from train.rl.ppo import ends_with
 from train.rl.core import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1
 from train.stages.rl_variants import VARIANTS, Variant
-from train.stages.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows,
-                            gold_summary, rollout_rows, sample, sample_report, token_logprobs_of)
+from train.stages.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows, gold_summary,
+                                  rollout_rows, sample, sample_report, token_logprobs_of)
+from train.trainer import Trainer
 
 SUMMARY_FILE = 'rl_summary.json'
 

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from train.loop import Trainer
 from train.mesh import mesh_rules
 from train.objectives import LossFn
 from train.rl.core import token_values, whiten
 from train.rl.ppo import gae, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss, token_rewards
 from train.stages.rollouts import Rows
+from train.trainer import Trainer
 
 Objective = Callable[[Callable], LossFn]  # a loss factory of the model's apply function
 

@@ -19,9 +19,9 @@ from model.errors import UserError
 from model.generate import generate
 from model.lora import merged_params
 from model.sampling import Sampling
-from train.loop import Trainer
 from train.rl.ppo import join_rollout
 from train.rl.core import kl_k1, sequence_logprobs
+from train.trainer import Trainer
 
 Rows = dict[str, np.ndarray]
 SAMPLE_CHUNK = 256  # prompts per generate call

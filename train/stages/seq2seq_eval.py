@@ -8,9 +8,9 @@ from ml_collections import ConfigDict
 from data.seq2seq import Example, Seq2SeqDataset, encoder_tokens
 from model.generate import generate
 from model.sampling import Sampling
-from train.loop import Trainer
 from train.mesh import mesh_rules
 from train.metrics import MetricWriter
+from train.trainer import Trainer
 
 
 def exact_match(trainer: Trainer, examples: Sequence[Example], tokenizer, seq_len: int,
