@@ -28,7 +28,7 @@ from train.metrics import write_summary
 
 Overrides = dict[str, Any]              # dotted config key -> value
 Sampler = Callable[[np.random.Generator], Any]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/studies/ -> root
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # where run.py is
 STATUS_FILE = 'sweep_status.json'
 
 
