@@ -23,12 +23,11 @@ flags.DEFINE_integer('vocab', 0, 'Vocabulary size (0 = model.vocab_size or 65, a
 def main(_):
   from train.xla_flags import set_cpu_defaults
   set_cpu_defaults()  # the same XLA flags as run.py, before JAX starts
-  import flax.linen as nn
   import jax
   import numpy as np
 
   from train.loop import compile_train_step, init_trainer
-  from train.mesh import LOGICAL_RULES, global_batch
+  from train.mesh import global_batch, mesh_rules
   from train.metrics import device_peak_flops, flops_per_token
   from train.objectives import causal_lm_loss
 
@@ -42,7 +41,7 @@ def main(_):
                segment_ids=np.ones((t.batch_size, t.seq_len), np.int32),
                positions=np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (t.batch_size, t.seq_len)),
                weights=np.ones((t.batch_size, t.seq_len), np.float32))
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     batch = global_batch(batch, trainer.mesh)
     step = compile_train_step(trainer, causal_lm_loss, batch)
     key = jax.random.PRNGKey(0)

@@ -37,6 +37,12 @@ def merge_lora(params: PyTree, lora: PyTree, cfg: ModelConfig) -> PyTree:
   return merge(params, lora)
 
 
+def merged_params(variables: dict[str, PyTree], cfg: ModelConfig) -> PyTree:
+  """A plain parameter tree to generate (or export) from: the model's variables with the adapters
+  in variables['lora'], if any, folded into variables['params']."""
+  return merge_lora(variables['params'], variables.get('lora'), cfg)
+
+
 def lora_delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:
   """a @ b over the rank axis, with the kernel's shape [*in, *out]; when layers are scanned the
   kernel, a and b share a leading layer axis, which is kept."""

@@ -39,14 +39,13 @@ def train_metrics(trainer, objective, batches, seed: int, names: tuple[str, ...]
                   ) -> np.ndarray:
   """Consecutive train steps of `trainer` on host `batches` (one step rng, `seed`), under its mesh
   and the logical rules: the logged metrics `names` per step, [steps] for one name."""
-  import flax.linen as nn
   import jax
 
   from train.loop import make_train_step
-  from train.mesh import LOGICAL_RULES, global_batch
+  from train.mesh import global_batch, mesh_rules
   step = make_train_step(trainer, objective)
   rows = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     for batch in batches:
       trainer.state, m = step(trainer.state, global_batch(batch, trainer.mesh),
                               jax.random.PRNGKey(seed))

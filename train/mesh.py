@@ -3,8 +3,11 @@
 Mesh axes are ('data', 'fsdp', 'tensor'). Parameters and activations have separate logical names
 so weights can be sharded over fsdp while activations shard the batch (ZeRO-3 style).
 """
+import contextlib
 import os
+from typing import Iterator
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -36,6 +39,14 @@ LOGICAL_RULES = (
     ('act_mlp', 'tensor'),
     ('act_vocab', 'tensor'),
 )
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh) -> Iterator[Mesh]:
+  """`mesh` entered together with the logical-axis rules: what every jit, init and generate over
+  sharded weights runs under, so a logical name always resolves to the same mesh axes."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield mesh
 
 
 def maybe_initialize_distributed(m: ConfigDict) -> None:

@@ -97,6 +97,18 @@ def device_peak_flops(remeasure: bool = False) -> float:
   return cache[key] / jax.device_count()
 
 
+def write_summary(workdir: str, name: str, data: Any, **json_options: Any) -> str:
+  """`data` as JSON in workdir/name (indent 2 unless `json_options` say otherwise), written by
+  process 0 only and atomically (a temporary file renamed over it), so hosts never race and a
+  reader never sees half a file. Returns the path."""
+  path = os.path.join(workdir, name)
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump(data, f, **{'indent': 2, **json_options})
+    os.replace(path + '.tmp', path)
+  return path
+
+
 class MetricWriter:
   """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard."""
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from data.tokenizer import load_tokenizer
-from model.config import ModelConfig, model_config, with_lora
+from model.config import model_config, with_lora
 from model.errors import UserError
 from model.heads import build_classifier, build_scalar_model
 from model.lora import merge_lora

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from model.errors import UserError
+from train.metrics import write_summary
 
 Overrides = dict[str, Any]              # dotted config key -> value
 Sampler = Callable[[np.random.Generator], Any]
@@ -153,10 +154,7 @@ def _load_status(sweepdir: str) -> dict[str, dict]:
 
 
 def _save_status(sweepdir: str, status: dict[str, dict]) -> None:
-  path = os.path.join(sweepdir, STATUS_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(status, f, indent=1, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  write_summary(sweepdir, STATUS_FILE, status, indent=1, sort_keys=True)
 
 
 def _cpu_slots(parallel: int, cpus_per_trial: int) -> list[set[int] | None]:

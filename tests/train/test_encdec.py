@@ -18,7 +18,7 @@ from model.sampling import Sampling
 from model.transformer import build_model, init_cache
 from train import checkpoint
 from train.loop import init_trainer, make_train_step
-from train.mesh import LOGICAL_RULES, global_batch
+from train.mesh import global_batch, mesh_rules
 from train.objectives import seq2seq_loss
 from train.metrics import flops_per_token
 from train.stages.seq2seq_eval import exact_match
@@ -177,7 +177,7 @@ def train_losses(trainer, batches):
 def loss_and_grads(trainer):
   loss_fn = seq2seq_loss(trainer.model.apply)
   fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(0))[0]))
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     return jax.device_get(fn(trainer.state.params, global_batch(BATCHES[0], trainer.mesh)))
 
 
@@ -209,7 +209,7 @@ def test_analytic_flops_match_xla_cost_analysis():
   trainer = init_trainer(c, VOCAB, devices=jax.devices()[:1])
   rows = [encode_row((np.arange(3, 66) % VOCAB, np.arange(3, 66) % VOCAB), (64, 64), SPECIALS)] * 4
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     compiled = make_train_step(trainer, seq2seq_loss).lower(
         trainer.state, global_batch(batch, trainer.mesh), jax.random.PRNGKey(0)).compile()
   cost = compiled.cost_analysis()
@@ -230,7 +230,7 @@ def test_learns_to_reverse_short_strings():
   trainer = init_trainer(c, dataset.tokenizer.vocab_size, devices=jax.devices()[:1])
   step = make_train_step(trainer, seq2seq_loss)
   batches = dataset.train_iter(32, 7)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     for _ in range(400):
       trainer.state, _ = step(trainer.state, global_batch(next(batches), trainer.mesh),
                               jax.random.PRNGKey(0))

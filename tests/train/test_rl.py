@@ -23,7 +23,7 @@ from model.transformer import build_model
 from tests.helpers import tiny_config
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
 from train.loop import init_trainer, make_train_step
-from train.mesh import LOGICAL_RULES, global_batch
+from train.mesh import global_batch, mesh_rules
 from train.rl.ppo import (clipped_policy_terms, ends_with, gae, group_advantages, grpo_loss,
                        join_rollout, ppo_policy_loss, ppo_value_loss, token_rewards)
 from train.rl.preference import (bradley_terry, dpo_loss, pair_batch, response_logprobs,
@@ -345,7 +345,7 @@ def test_pair_train_step_with_accumulation_equals_big_batch(objective):
     else:
       _, trainer = scalar_trainer(cfg)
       step = make_train_step(trainer, reward_model_loss)
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with mesh_rules(trainer.mesh):
       state, m = step(trainer.state, global_batch(batch, trainer.mesh), jax.random.PRNGKey(0))
     results.append(jax.device_get((m, state.params)))
   (m1, p1), (m4, p4) = results

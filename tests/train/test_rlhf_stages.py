@@ -6,7 +6,6 @@ import json
 import math
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from model.heads import build_scalar_model, lm_backbone
 from model.transformer import build_model
 from tests.helpers import tiny_config
 from train.loop import init_trainer
-from train.mesh import LOGICAL_RULES
+from train.mesh import mesh_rules
 from train.stages.rl_loop import RlRun, collect, train_rl
 from train.stages import STAGES
 from train.stages.rollouts import reference_variables, rollout_rows, token_logprobs_of
@@ -103,7 +102,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off():
   tokens = np.random.default_rng(1).integers(3, VOCAB, (8, 6)).astype(np.int32)
   rows = rollout_rows(prompts, tokens, np.full(8, 6), PAD, 10)
   base_model = build_model(dataclasses.replace(policy.model_cfg, lora_rank=0, lora_targets=()))
-  with jax.set_mesh(policy.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(policy.mesh):
     ref, _ = token_logprobs_of(policy.eval_model.apply, run.reference, rows, 1.0)
     base, _ = token_logprobs_of(base_model.apply, {'params': params}, rows, 1.0)
     adapted, _ = token_logprobs_of(policy.eval_model.apply, policy.variables(), rows, 1.0)

@@ -2,11 +2,10 @@
 import jax
 import numpy as np
 import pytest
-import flax.linen as nn
 
 from train import checkpoint
 from train.loop import init_trainer
-from train.mesh import LOGICAL_RULES, global_batch
+from train.mesh import global_batch, mesh_rules
 from train.objectives import causal_lm_loss
 from tests.helpers import random_batch, tiny_config, train_metrics
 
@@ -32,7 +31,7 @@ BATCHES = [random_batch(np.random.default_rng(i), 16, 16, VOCAB) for i in range(
 def loss_and_grads(trainer):
   loss_fn = causal_lm_loss(trainer.model.apply)
   fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(0))[0]))
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     return jax.device_get(fn(trainer.state.params, global_batch(BATCHES[0], trainer.mesh)))
 
 

@@ -3,12 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 from model.config import model_config
 from model.transformer import build_model
 from train.loop import init_trainer, make_train_step
-from train.mesh import LOGICAL_RULES, global_batch
+from train.mesh import global_batch, mesh_rules
 from train.metrics import flops_per_token
 from train.objectives import causal_lm_loss
 from tests.helpers import random_batch, tiny_config
@@ -22,7 +21,7 @@ def first_step(cfg, batch, params=None):
   if params is not None:
     trainer.state = trainer.state.replace(params=params)
   step = make_train_step(trainer, causal_lm_loss)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     state, m = step(trainer.state, global_batch(batch, trainer.mesh), jax.random.PRNGKey(0))
   return jax.device_get(m), jax.device_get(state.params)
 
@@ -96,7 +95,7 @@ def test_analytic_flops_match_xla_cost_analysis():
   trainer = init_trainer(cfg, 256, devices=jax.devices()[:1])
   step = make_train_step(trainer, causal_lm_loss)
   batch = random_batch(np.random.default_rng(3), 4, 64, 256)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     compiled = step.lower(trainer.state, global_batch(batch, trainer.mesh),
                           jax.random.PRNGKey(0)).compile()
   cost = compiled.cost_analysis()

@@ -15,11 +15,12 @@ import jax
 from ml_collections import ConfigDict
 
 from model.errors import UserError
-from train.loop import Trainer, init_trainer
 from train.stages.reward import RewardModel, load_reward_model, reward_trainer
 from train.stages.rl_loop import RlRun, train_rl
-from train.stages.rollouts import PromptSource, generation_params, reference_variables
+from train.stages.rl_variants import VARIANTS
+from train.stages.rollouts import PromptSource, reference_variables
 from train.stages.sft import load_base
+from train.trainer import Trainer, inference_params, init_trainer
 
 
 def critic_trainer(cfg: ConfigDict, base: Any, reward: RewardModel) -> Trainer:
@@ -30,7 +31,7 @@ def critic_trainer(cfg: ConfigDict, base: Any, reward: RewardModel) -> Trainer:
   if not cfg.rlhf.critic_from_reward:
     return reward_trainer(critic_cfg, base.config, base.params)
   rm = reward.trainer
-  full = generation_params(rm.eval_model, rm.variables())
+  full = inference_params(rm)
   critic = reward_trainer(critic_cfg, base.config,
                           {k: v for k, v in full.items() if k != 'score_head'})
   head = jax.device_put(full['score_head'], critic.state_sharding.params['score_head'],
@@ -49,7 +50,7 @@ def rl_stage(cfg: ConfigDict, workdir: str, algo: str) -> None:
   policy = init_trainer(cfg, base.config.vocab_size, model_cfg=base.config, init_params=base.params)
   reward = load_reward_model(r.reward_model)
   second = load_reward_model(r.second_reward_model) if r.second_reward_model else None
-  critic = critic_trainer(cfg, base, reward) if algo == 'ppo' else None
+  critic = critic_trainer(cfg, base, reward) if VARIANTS[algo].has_critic else None
   prompts = PromptSource(cfg, tok)
   run = RlRun(algo, policy, critic, reference_variables(policy, base.params), reward.scores, r,
               tok.eos_id, tok.pad_id, prompts.task, second.scores if second else None)

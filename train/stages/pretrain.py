@@ -1,7 +1,6 @@
 """Stages `pretrain` and `sample`: train a model from scratch on `config.data`, and sample a workdir."""
 import os
 
-import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
@@ -12,16 +11,17 @@ from model.errors import UserError
 from model.generate import generate
 from model.sampling import Sampling
 from train import checkpoint
-from train.loop import Trainer, init_trainer, pretrain
-from train.mesh import LOGICAL_RULES
+from train.loop import pretrain
+from train.mesh import mesh_rules
 from train.stages.seq2seq_eval import report_exact_match
+from train.trainer import Trainer, init_trainer
 from train.workdir import tokenizer_dir
 
 
 def print_samples(trainer: Trainer, tokenizer: Tokenizer, s: ConfigDict) -> list[str]:
   """Complete `sample.prompt` (after BOS, as documents start in training) and print each sample."""
   prompt = [tokenizer.bos_id] + tokenizer.encode(s.prompt)
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     out = generate(trainer.eval_model, trainer.state.params, [prompt] * s.num_samples,
                    max_new_tokens=s.max_new_tokens, rng=jax.random.PRNGKey(s.seed),
                    sampling=Sampling(s.temperature, s.top_k, s.top_p, s.min_p),

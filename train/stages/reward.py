@@ -15,22 +15,22 @@ import json
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from data.pairs import PairIterator, Pairs, eval_batches
 from model.errors import UserError
 from model.heads import build_scalar_model, lm_backbone, sequence_scores
 from model.pretrained import Pretrained
 from train import checkpoint
-from train.loop import Trainer, init_trainer, run_training
-from train.mesh import LOGICAL_RULES
-from train.rl.preference import normalize_scores, pair_batch, reward_model_loss, score_stats
-from train.stages.rollouts import STATS_KEY, PromptSource, preference_pairs, rollout_rows, sample
+from train.mesh import mesh_rules
+from train.metrics import write_summary
+from train.rl.preference import normalize_scores, reward_model_loss, score_stats
+from train.stages.pairs import gold_accuracy, load_pair_data, over_pairs, per_host_batch, train_on_pairs
+from train.stages.rollouts import STATS_KEY, PromptSource, rollout_rows, sample
 from train.stages.sft import load_base
-from train.workdir import CONFIG_FILE, read_config
+from train.trainer import Trainer, init_trainer
+from train.workdir import read_config
 
 STATS_FILE = 'reward_stats.json'
 SUMMARY_FILE = 'reward_summary.json'
@@ -45,7 +45,7 @@ class RewardModel:
   def raw_scores(self, rows: dict[str, np.ndarray]) -> np.ndarray:
     """The scalar at each row's last real token, for rows [..., t] (rollouts or pairs)."""
     t = self.trainer
-    with jax.set_mesh(t.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with mesh_rules(t.mesh):
       return np.asarray(score_rows(t.eval_model.apply, t.variables(), rows['tokens'],
                                    rows['positions'], rows['segment_ids']))
 
@@ -74,7 +74,7 @@ def read_json(path: str) -> Any:
 def load_reward_model(workdir: str) -> RewardModel:
   """The reward model a stage=reward run left in `workdir`, with its normalisation."""
   try:
-    saved, stats = (read_json(os.path.join(workdir, name)) for name in (CONFIG_FILE, STATS_FILE))
+    stats = read_json(os.path.join(workdir, STATS_FILE))
   except (OSError, ValueError) as e:
     raise UserError(f'{workdir} is not a finished reward run ({e}); set rlhf.reward_model to the '
                     'workdir of a completed stage=reward run') from None
@@ -88,52 +88,25 @@ def load_reward_model(workdir: str) -> RewardModel:
   return RewardModel(trainer, (stats['mean'], stats['std']))
 
 
-def pair_scores(model: RewardModel, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
-  """Raw rewards [n, 2] of (chosen, rejected) for every pair."""
-  return np.concatenate([model.raw_scores(b) for b in eval_batches(arrays, batch_size)]
-                        )[:len(arrays['weights'])]
-
-
 def reward_stage(cfg: ConfigDict, workdir: str) -> None:
-  r, t = cfg.rlhf, cfg.train
   base = load_base(cfg)
-  tok = base.tokenizer
-  train_pairs, eval_pairs = preference_pairs(cfg, base)
+  data = load_pair_data(cfg, base)
   reference = reference_samples(cfg, base)
   trainer = reward_trainer(cfg, base.config, base.params)
   del base
-  width = t.seq_len
-  arrays = {name: pair_batch(p.chosen, p.rejected, p.prompt_lengths, width, tok.pad_id)
-            for name, p in (('train', train_pairs), ('eval', eval_pairs))}
-  per_host = t.batch_size // jax.process_count()
-  train_iter = PairIterator(arrays['train'], per_host, cfg.seed, jax.process_index(),
-                            jax.process_count())
-  evals = eval_batches(arrays['eval'], cfg.eval.batch_size or per_host)
-  print(f'reward data: {len(train_pairs.chosen)} train / {len(eval_pairs.chosen)} held-out pairs '
-        f'({r.data})', flush=True)
-  metrics = run_training(trainer, reward_model_loss, train_iter, evals, workdir,
-                         {'train_pairs': len(train_pairs.chosen)})
+  metrics = train_on_pairs(trainer, reward_model_loss, data, cfg, workdir)
   if metrics.get('preempted'):
     return
   model = RewardModel(trainer, (0.0, 1.0))
   mean, std = score_stats(model.scores(reference))
-  with open(os.path.join(workdir, STATS_FILE), 'w', encoding='utf-8') as f:
-    json.dump({'mean': mean, 'std': std, 'samples': len(reference['tokens'])}, f, indent=2)
+  write_summary(workdir, STATS_FILE, {'mean': mean, 'std': std, 'samples': len(reference['tokens'])})
   summary = {'eval_accuracy': metrics['eval_accuracy'], 'eval_loss': metrics['eval_loss'],
              'score_mean': mean, 'score_std': std}
-  if eval_pairs.gold_margin is not None:
-    summary['gold_accuracy'] = gold_accuracy(pair_scores(model, arrays['eval'], per_host),
-                                             eval_pairs)
-  with open(os.path.join(workdir, SUMMARY_FILE), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=2)
+  if data.eval.gold_margin is not None:
+    scores = over_pairs(model.raw_scores, data.arrays['eval'], per_host_batch(cfg))
+    summary['gold_accuracy'] = gold_accuracy(scores, data.eval)
+  write_summary(workdir, SUMMARY_FILE, summary)
   print('reward model: ' + ', '.join(f'{k} {v:.4f}' for k, v in summary.items()), flush=True)
-
-
-def gold_accuracy(scores: np.ndarray, pairs: Pairs) -> float:
-  """Share of held-out pairs with a gold winner that the reward model orders like the gold score."""
-  decided = pairs.gold_margin != 0
-  agree = (scores[:, 0] > scores[:, 1]) == (pairs.gold_margin > 0)
-  return float(agree[decided].mean())
 
 
 def reference_samples(cfg: ConfigDict, base: Pretrained) -> dict[str, np.ndarray]:

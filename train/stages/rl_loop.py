@@ -1,6 +1,7 @@
-"""The RL iteration loop shared by stages `ppo` and `grpo` (train/stages/ppo.py builds its roles):
-rollouts from the policy, scores from a reward, clipped policy updates against a KL penalty to
-the reference, the hacking detectors, checkpoints and metrics.
+"""The RL iteration loop shared by stages `ppo` and `grpo` (train/stages/ppo.py builds the roles,
+train/stages/rl_variants.py holds what each variant changes): rollouts from the policy, scores
+from a reward, clipped policy updates against a KL penalty to the reference, the hacking
+detectors, checkpoints and metrics.
 
 One iteration (train.steps of them): sample rlhf.rollout_batch responses at rlhf.temperature (cut
 at EOS or rlhf.response_len), score each sequence with the normalised reward model at its last
@@ -16,29 +17,27 @@ task the gold score, target share and illegal transitions per response). rl_summ
 the reference's and the final policy's sample reports (train/stages/rollouts.py) on held-out prompts.
 """
 import dataclasses
-import functools
-import json
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
 from data.preferences import ChainTask
 from model.errors import UserError
+from model.lora import merged_params
 from train import checkpoint
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
-from train.loop import Trainer, make_train_step
-from train.mesh import LOGICAL_RULES, global_batch
-from train.metrics import MetricWriter
-from train.rl.ppo import (ends_with, gae, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss,
-                       token_rewards)
-from train.rl.core import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1, token_values, whiten
-from train.stages.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows, generation_params,
-                            gold_summary, rollout_rows, sample, sample_report, token_logprobs_of)
+from train.loop import make_train_step
+from train.mesh import global_batch, mesh_rules
+from train.metrics import MetricWriter, write_summary
+from train.rl.ppo import ends_with
+from train.rl.core import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1
+from train.stages.rl_variants import VARIANTS, Variant
+from train.stages.rollouts import (EVAL_KEY, ITERATION_KEY, PromptSource, Rows, gold_summary,
+                                  rollout_rows, sample, sample_report, token_logprobs_of)
+from train.trainer import Trainer
 
 SUMMARY_FILE = 'rl_summary.json'
 
@@ -46,7 +45,7 @@ SUMMARY_FILE = 'rl_summary.json'
 @dataclasses.dataclass
 class RlRun:
   """The roles of one RL run: actor, critic (PPO only), reference variables and reward."""
-  algo: str                                 # 'ppo' | 'grpo'
+  algo: str                                 # a key of VARIANTS: 'ppo' | 'grpo'
   policy: Trainer
   critic: Trainer | None
   reference: dict[str, Any]
@@ -57,18 +56,9 @@ class RlRun:
   task: ChainTask | None = None
   second_reward: Callable[[Rows], np.ndarray] | None = None
 
-
-@functools.partial(jax.jit, static_argnames=('apply_fn',))
-def critic_values(apply_fn: Callable, variables: Any, rows: Rows) -> jax.Array:
-  return token_values(apply_fn, variables, rows)
-
-
-@functools.partial(jax.jit, static_argnames=('gamma', 'lam'))
-def ppo_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,
-                   lam: float) -> tuple[jax.Array, jax.Array]:
-  """GAE advantages (whitened over the response tokens) and returns."""
-  adv, returns = gae(rewards, values, mask, gamma, lam)
-  return whiten(adv, mask), returns
+  @property
+  def variant(self) -> Variant:
+    return VARIANTS[self.algo]
 
 
 def rollout(run: RlRun, prompts: list[np.ndarray], width: int, seed: int) -> Rows:
@@ -76,8 +66,8 @@ def rollout(run: RlRun, prompts: list[np.ndarray], width: int, seed: int) -> Row
   reference's log-probs per token (all at rlhf.temperature) and the normalised scores."""
   r, p = run.r, run.policy
   variables = p.variables()
-  with jax.set_mesh(p.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    tokens, lengths = sample(p.eval_model, generation_params(p.eval_model, variables), prompts,
+  with mesh_rules(p.mesh):
+    tokens, lengths = sample(p.eval_model, merged_params(variables, p.model_cfg), prompts,
                              r.response_len, r.temperature, seed, run.eos_id, run.pad_id)
     rows = rollout_rows(prompts, tokens, lengths, run.pad_id, width)
     logp, entropy = token_logprobs_of(p.eval_model.apply, variables, rows, r.temperature)
@@ -85,27 +75,6 @@ def rollout(run: RlRun, prompts: list[np.ndarray], width: int, seed: int) -> Row
   return {**rows, 'old_logprobs': np.asarray(logp), 'entropy': np.asarray(entropy),
           'ref_logprobs': np.asarray(ref_logp), 'scores': run.reward(rows),
           'finished': np.asarray(ends_with(rows['tokens'], rows['response_mask'], run.eos_id))}
-
-
-def ppo_targets(run: RlRun, rows: Rows, penalty: jax.Array, beta: float) -> Rows:
-  """PPO's per-token rewards (score on the last token, -beta * KL on each), critic values, GAE
-  advantages and returns."""
-  c, r, mask = run.critic, run.r, rows['response_mask']
-  with jax.set_mesh(c.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    values = critic_values(c.eval_model.apply, c.variables(), rows) * mask
-  rewards = token_rewards(jnp.asarray(rows['scores']), penalty, mask, beta, rows['finished'],
-                          r.no_eos_penalty)
-  adv, returns = ppo_advantages(rewards, values, mask, r.gamma, r.lam)
-  return {'advantages': np.asarray(adv), 'returns': np.asarray(returns),
-          'old_values': np.asarray(values)}
-
-
-def grpo_targets(run: RlRun, rows: Rows) -> Rows:
-  """GRPO's advantage per response: its penalised score relative to its prompt's group."""
-  r = run.r
-  total = rows['scores'] - r.no_eos_penalty * ~rows['finished']
-  return {'advantages': np.asarray(group_advantages(jnp.asarray(total).reshape(-1, r.group_size)
-                                                    ).reshape(-1))}
 
 
 def rollout_stats(run: RlRun, rows: Rows, penalty: np.ndarray, prompts: list[np.ndarray],
@@ -137,7 +106,7 @@ def collect(run: RlRun, prompts: list[np.ndarray], width: int, seed: int, beta: 
   mask = rows['response_mask']
   penalty = np.asarray(KL_ESTIMATORS[run.r.kl_estimator](rows['old_logprobs'],
                                                          rows['ref_logprobs'])) * mask
-  targets = ppo_targets(run, rows, penalty, beta) if run.algo == 'ppo' else grpo_targets(run, rows)
+  targets = run.variant.targets(run.critic, run.r, rows, penalty, beta)
   stats = rollout_stats(run, rows, penalty, prompts, beta)
   keep = ('tokens', 'positions', 'segment_ids', 'response_mask', 'old_logprobs', 'ref_logprobs')
   return {**{k: rows[k] for k in keep}, **targets}, stats
@@ -158,7 +127,7 @@ def update(run: RlRun, steps: tuple[Callable, Callable | None], batch: Rows, see
     for start in range(0, n, size):
       mini = {k: v[order[start:start + size]] for k, v in batch.items()}
       for trainer, step, prefix in roles:
-        with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        with mesh_rules(trainer.mesh):
           trainer.state, m = step(trainer.state, global_batch(mini, trainer.mesh), key)
         for k, v in jax.device_get(m).items():
           totals.setdefault(prefix + k, []).append(float(v))
@@ -166,21 +135,17 @@ def update(run: RlRun, steps: tuple[Callable, Callable | None], batch: Rows, see
 
 
 def train_steps(run: RlRun) -> tuple[Callable, Callable | None]:
-  """The actor's (and for PPO the critic's) jitted train step."""
-  r = run.r
-  if run.algo == 'grpo':
-    actor = lambda apply_fn: grpo_loss(apply_fn, r.clip_eps, r.beta, r.temperature)
-    return make_train_step(run.policy, actor), None
-  actor = lambda apply_fn: ppo_policy_loss(apply_fn, r.clip_eps, r.entropy_coef, r.temperature)
-  critic = lambda apply_fn: ppo_value_loss(apply_fn, r.value_clip_eps)
-  return make_train_step(run.policy, actor), make_train_step(run.critic, critic)
+  """The actor's (and, for a variant with a critic, the critic's) jitted train step."""
+  v, r = run.variant, run.r
+  critic = make_train_step(run.critic, v.critic_loss(r)) if v.has_critic else None
+  return make_train_step(run.policy, v.actor_loss(r)), critic
 
 
-def check_settings(r: ConfigDict, algo: str, batch_size: int) -> None:
+def check_settings(r: ConfigDict, variant: Variant, batch_size: int) -> None:
   if r.rollout_batch % batch_size:
     raise UserError(f'train.batch_size={batch_size} (the minibatch) must divide '
                     f'rlhf.rollout_batch={r.rollout_batch}')
-  if algo == 'grpo' and (r.group_size < 2 or r.rollout_batch % r.group_size):
+  if variant.grouped and (r.group_size < 2 or r.rollout_batch % r.group_size):
     raise UserError(f'rlhf.group_size={r.group_size} must be at least 2 and divide '
                     f'rlhf.rollout_batch={r.rollout_batch}')
   if r.kl_estimator not in KL_ESTIMATORS:
@@ -226,17 +191,17 @@ def train_rl(run: RlRun, prompts: PromptSource, workdir: str, steps: int, seed: 
   """Iterations 1..steps (resuming from workdir's checkpoint), with the hacking detectors; returns
   the summary also written to rl_summary.json."""
   r, policy = run.r, run.policy
-  check_settings(r, run.algo, policy.cfg.train.batch_size)
+  check_settings(r, run.variant, policy.cfg.train.batch_size)
   thresholds = HackingThresholds(r.max_kl, r.nll_margin, r.max_disagreement)
   controller = AdaptiveKL(r.kl_target, r.kl_horizon) if r.kl_target > 0 else FixedKL()
   eval_prompts = prompts.draw(r.eval_prompts, EVAL_KEY)
   report = lambda variables: sample_report(policy.eval_model, variables, run.reference, run.eos_id,
                                            run.pad_id, run.task, eval_prompts, r, seed)
-  with jax.set_mesh(policy.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(policy.mesh):
     before = report(run.reference)
   ckpt = Checkpoints(workdir, policy.cfg.checkpoint.keep)
   start, beta = ckpt.restore(run, r.beta)
-  group = r.group_size if run.algo == 'grpo' else 1
+  group = r.group_size if run.variant.grouped else 1
   width = prompts.width + r.response_len
   step_fns = train_steps(run)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -268,13 +233,11 @@ def train_rl(run: RlRun, prompts: PromptSource, workdir: str, steps: int, seed: 
   finally:
     writer.close()
     ckpt.close()
-  with jax.set_mesh(policy.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(policy.mesh):
     after = report(policy.variables())
   summary = {'algo': run.algo, 'before': before, 'after': after, 'iterations': step,
              'first_alarm': first_alarm, 'stopped': stopped}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, SUMMARY_FILE), 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+  write_summary(workdir, SUMMARY_FILE, summary)
   return summary
 
 

@@ -1,5 +1,5 @@
 """What the RLHF stages share: sampling responses from a policy, the reference policy, the rollout
-layout at a fixed width, the task's prompts and pairs, and the before/after report of a policy's
+layout at a fixed width, the task and its prompts (its pairs: train/stages/pairs.py), and the before/after report of a policy's
 samples (KL and NLL under the reference, and the gold score where the task has one).
 
 The reference is the base: under LoRA the policy's own frozen weights with the adapter switched
@@ -13,16 +13,15 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from data.pairs import Pairs, hh_pairs, prompts_of, split_pairs, synthetic_pairs
+from data.pairs import hh_pairs, prompts_of
 from data.preferences import ChainTask, chain_task
 from model.errors import UserError
 from model.generate import generate
-from model.lora import merge_lora
-from model.pretrained import Pretrained
+from model.lora import merged_params
 from model.sampling import Sampling
-from train.loop import Trainer
 from train.rl.ppo import join_rollout
 from train.rl.core import kl_k1, sequence_logprobs
+from train.trainer import Trainer
 
 Rows = dict[str, np.ndarray]
 SAMPLE_CHUNK = 256  # prompts per generate call
@@ -81,28 +80,13 @@ def token_logprobs_of(apply_fn: Callable, variables: Any, batch: Rows, temperatu
   return sequence_logprobs(apply_fn, variables, batch, temperature)
 
 
-# ---- the task: prompts, preference pairs, gold --------------------------------------------------
+# ---- the task and its prompts --------------------------------------------------------------
 
 def task_of(cfg: ConfigDict, tokenizer: Any) -> ChainTask | None:
   """The ground-truth task when rlhf.data is synthetic, else None."""
   if cfg.rlhf.data != 'synthetic':
     return None
   return chain_task(cfg.data.synthetic, cfg.rlhf.n_target, cfg.rlhf.illegal_penalty, tokenizer)
-
-
-def preference_pairs(cfg: ConfigDict, base: Pretrained) -> tuple[Pairs, Pairs]:
-  """(train, held-out) pairs of rlhf.data; synthetic ones are sampled from the base."""
-  r, tok = cfg.rlhf, base.tokenizer
-  if r.data == 'synthetic':
-    sample_base = sampler(base.model, base.params, r.response_len, r.temperature, tok.eos_id,
-                          tok.pad_id)
-    pairs = synthetic_pairs(task_of(cfg, tok), sample_base, r.pairs, r.prompt_len,
-                            r.label_temperature, cfg.seed)
-  elif r.data.startswith('hh:'):
-    pairs = hh_pairs(r.data.removeprefix('hh:'), tok, cfg.sft.template, cfg.train.seq_len, r.pairs)
-  else:
-    raise UserError(f"rlhf.data={r.data!r} is not valid; use synthetic or hh:GLOB")
-  return split_pairs(pairs, r.eval_pairs)
 
 
 class PromptSource:
@@ -135,13 +119,6 @@ class PromptSource:
 
 # ---- the report ---------------------------------------------------------------------------------
 
-def generation_params(model: nn.Module, variables: dict[str, Any]) -> Any:
-  """A plain parameter tree to generate from: adapters, if any, merged into the base."""
-  if 'lora' not in variables:
-    return variables['params']
-  return merge_lora(variables['params'], variables['lora'], model.cfg)
-
-
 def sample_report(model: nn.Module, variables: dict[str, Any], reference: dict[str, Any],
                   eos: int, pad: int, task: ChainTask | None, prompts: list[np.ndarray],
                   r: ConfigDict, seed: int) -> dict[str, float]:
@@ -149,7 +126,7 @@ def sample_report(model: nn.Module, variables: dict[str, Any], reference: dict[s
   the reference (nats/response, k1 on the samples), NLL per token under the reference, length and
   EOS rate, and with a task the gold score, target-symbol share, legal rate and true-chain NLL.
   Run under the policy trainer's mesh."""
-  tokens, lengths = sample(model, generation_params(model, variables), prompts, r.response_len,
+  tokens, lengths = sample(model, merged_params(variables, model.cfg), prompts, r.response_len,
                            r.temperature, seed, eos, pad)
   rows = rollout_rows(prompts, tokens, lengths, pad, max(map(len, prompts)) + r.response_len)
   logp, _ = token_logprobs_of(model.apply, variables, rows, r.temperature)

@@ -2,16 +2,15 @@
 count the outputs equal to the target (with its EOS)."""
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
 from data.seq2seq import Example, Seq2SeqDataset, encoder_tokens
 from model.generate import generate
 from model.sampling import Sampling
-from train.loop import Trainer
-from train.mesh import LOGICAL_RULES
+from train.mesh import mesh_rules
 from train.metrics import MetricWriter
+from train.trainer import Trainer
 
 
 def exact_match(trainer: Trainer, examples: Sequence[Example], tokenizer, seq_len: int,
@@ -20,7 +19,7 @@ def exact_match(trainer: Trainer, examples: Sequence[Example], tokenizer, seq_le
   training (input + EOS in seq_len tokens)."""
   bos, eos = tokenizer.bos_id, tokenizer.eos_id
   hits = 0
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     for i in range(0, len(examples), batch_size):
       chunk = examples[i:i + batch_size]
       out = generate(trainer.eval_model, trainer.state.params, [[bos]] * len(chunk),

@@ -29,14 +29,18 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.generate import generate
 from model.heads import build_classifier, lm_backbone
-from model.lora import count_params, merge_lora
+from model.lora import count_params
 from model.pretrained import Pretrained, load_pretrained
 from model.sampling import Sampling
 from model.transformer import build_model
 from train import checkpoint
-from train.loop import Trainer, evaluate, init_trainer, make_eval_step, run_training
-from train.mesh import LOGICAL_RULES
+from train.loop import evaluate, make_eval_step, run_training
+from train.mesh import mesh_rules
+from train.metrics import write_summary
 from train.objectives import LossFn, causal_lm_loss, classification_loss, objective_for
+from train.trainer import Trainer, inference_params, init_trainer
+
+SUMMARY_FILE = 'sft_summary.json'
 
 # Compute settings a fine-tuning run may change; the architecture always comes from the base.
 COMPUTE_FIELDS = ('dtype', 'attention', 'remat', 'dropout', 'attn_dropout', 'embed_dropout')
@@ -54,13 +58,6 @@ def load_base(cfg: ConfigDict) -> Pretrained:
   return base
 
 
-def inference_params(trainer: Trainer) -> Any:
-  """The trained weights as one plain tree (adapters merged), for generation."""
-  if trainer.frozen is None:
-    return trainer.state.params
-  return merge_lora(trainer.frozen, trainer.state.params, trainer.model_cfg)
-
-
 def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[int]],
                    max_new_tokens: int, batch_size: int = 16) -> list[str]:
   """Greedy replies to token-id prompts, decoded without their stop token."""
@@ -69,7 +66,7 @@ def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[
   stops = tuple(getattr(tokenizer, 'stop_ids', (tokenizer.eos_id,)))
   params = inference_params(trainer)
   texts = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(trainer.mesh):
     for i in range(0, len(prompts), batch_size):
       out = generate(trainer.eval_model, params, prompts[i:i + batch_size],
                      max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(0),
@@ -160,9 +157,8 @@ def sft_stage(cfg: ConfigDict, workdir: str) -> None:
   task = sft_task(cfg, base)
   dataset, info = task.dataset, task.dataset.info
   print(task.summary, flush=True)
-  if 'labels' in info and jax.process_index() == 0:  # class i is labels[i]
-    with open(os.path.join(workdir, 'labels.json'), 'w', encoding='utf-8') as f:
-      json.dump(info['labels'], f)
+  if 'labels' in info:  # class i is labels[i]
+    write_summary(workdir, 'labels.json', info['labels'], indent=None)
   trainer = init_trainer(cfg, base.config.vocab_size, model_cfg=base.config, build=task.build,
                          init_params=lm_backbone(base.params) if task.head else base.params,
                          fresh=(task.head,) if task.head else ())
@@ -175,15 +171,14 @@ def sft_stage(cfg: ConfigDict, workdir: str) -> None:
   train_iter = dataset.train_iter(per_host, t.seq_len)
   eval_batches = dataset.eval_batches(cfg.eval.batch_size or per_host, t.seq_len,
                                       cfg.eval.max_batches)
-  summary_path = os.path.join(workdir, 'sft_summary.json')
+  summary_path = os.path.join(workdir, SUMMARY_FILE)
   summary: dict[str, Any] = {}
   if checkpoint.latest_step(workdir) is None:  # before any training
     eval_step = make_eval_step(trainer, task.objective)
     before = evaluate(trainer, eval_step, trainer.state.params, eval_batches, 0.0)
     summary['before'] = {**held_out(before), **generation_report(trainer, dataset, cfg.sft)}
     print(f"before: {summary['before']}", flush=True)
-    with open(summary_path, 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+    write_summary(workdir, SUMMARY_FILE, summary)
   elif os.path.exists(summary_path):
     with open(summary_path, encoding='utf-8') as f:
       summary = json.load(f)
@@ -193,8 +188,7 @@ def sft_stage(cfg: ConfigDict, workdir: str) -> None:
     return
   summary['after'] = {**held_out(metrics), **generation_report(trainer, dataset, cfg.sft)}
   summary['peak_rss_gib'] = peak_rss_gib()
-  with open(summary_path, 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=2)
+  write_summary(workdir, SUMMARY_FILE, summary)
   print(f"after: {summary['after']}", flush=True)
   if 'before' in summary:
     before, after = summary['before'], summary['after']

@@ -20,6 +20,7 @@ from data.sources import load_source
 from data.tokenizer import build_tokenizer
 from experiments.studies import sweep
 from model.errors import UserError
+from train.metrics import write_summary
 
 NOT_INHERITED = ('stage', 'sweep.', 'scaling.')  # sweep-level settings trials do not receive
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scipy', 'matplotlib', 'ml-collections', 'grain')
@@ -130,8 +131,7 @@ def write_manifest(workdir: str, cfg: ConfigDict, corpus: dict, wall_minutes: fl
               'python': platform.python_version(), 'packages': versions,
               'machine': {'platform': platform.platform(), 'cpus': os.cpu_count()},
               'corpus': corpus, 'config': cfg.to_dict()}
-  with open(path, 'w') as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
+  write_summary(workdir, 'manifest.json', manifest, sort_keys=True)
   return manifest['wall_minutes']
 
 
@@ -158,8 +158,7 @@ def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   minutes = write_manifest(workdir, cfg, corpus, (time.time() - started) / 60)  # all invocations
   result['acceptance'] = scaling.acceptance(result, sizes, minutes)
   sweep.write_csv(scaling.isoflop_rows(result['approach2']), os.path.join(workdir, 'isoflop.csv'))
-  with open(os.path.join(workdir, 'fits.json'), 'w') as f:
-    json.dump(scaling.jsonable(result), f, indent=1, allow_nan=False)
+  write_summary(workdir, 'fits.json', scaling.jsonable(result), indent=1, allow_nan=False)
   plots.scaling_plots(workdir, scaling.runs_for(rows, 'n_flops'), result, draws, curves)
   for name, check in result['acceptance'].items():
     value = check.get('value', check.get('budgets'))
