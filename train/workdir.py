@@ -22,7 +22,7 @@ from data.tokenizer import load_tokenizer
 from model.config import model_config, with_lora
 from model.errors import UserError
 from model.heads import build_classifier, build_scalar_model
-from model.lora import merge_lora
+from model.lora import merged_params
 from model.pretrained import LoadedModel, load_pretrained
 from model.transformer import build_model
 from train import checkpoint
@@ -115,7 +115,8 @@ def _load(workdir: str, cfg: ConfigDict) -> LoadedModel:
   params = state.params
   if lora_cfg.lora_rank:
     adapters = {k: v for k, v in params.items() if k not in heads}
-    params = {**merge_lora(base.params, adapters, lora_cfg), **{k: params[k] for k in heads}}
+    params = {**merged_params({'params': base.params, 'lora': adapters}, lora_cfg),
+              **{k: params[k] for k in heads}}
     if head:  # the base's untied LM head is not part of a scalar or classifier model
       params = {k: v for k, v in params.items() if k != 'lm_head'}
   return LoadedModel(mcfg, params, tokenizer, build)
