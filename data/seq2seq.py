@@ -29,7 +29,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import sources
-from data.formats import _json_objects, _strings
+from data.jsonl import json_objects, string_fields
 from data.pipeline import (TokenizedDocs, TrainRowIterator, check_batch_shape, check_launch,
                            cut_documents, run_tokenizer, tokenize_docs)
 from data.tokenizer import Tokenizer
@@ -372,9 +372,9 @@ def synthetic_task(name: str, q: ConfigDict, seed: int, tokenizer_for: Callable[
 def jsonl_task(pattern: str, eval_fraction: float, seed: int,
                tokenizer_for: Callable[[list[str]], Tokenizer]) -> tuple[PairTask, Tokenizer]:
   """{"input", "target"} records; every k-th one held out."""
-  pairs = [_strings(record, where, 'input', 'target')
+  pairs = [string_fields(record, where, 'input', 'target')
            for path in sources.match_files(pattern, f'seq2seq_jsonl:{pattern}')
-           for where, record in _json_objects(path)]
+           for where, record in json_objects(path)]
   held_out = sources.holdout_mask(len(pairs), eval_fraction)
   train = [p for p, h in zip(pairs, held_out) if not h]
   evals = [p for p, h in zip(pairs, held_out) if h]

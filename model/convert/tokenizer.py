@@ -7,11 +7,11 @@ transformers and llama.cpp do: byte-level BPE for 'gpt2' vocabularies, SentenceP
 byte fallback for 'llama' ones. Control tokens (<|im_start|>, ...) stay whole in encoded text.
 """
 import functools
-import json
 import os
 from typing import Any, Sequence
 
 from model.errors import UserError
+from model.jsonio import read_json
 
 # ChatML, used when a model ships no template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -214,10 +214,4 @@ def _first(value: Any) -> int | None:
 
 
 def _json_or_empty(path: str) -> dict[str, Any]:
-  if not os.path.exists(path):
-    return {}
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read {path} ({e}); fix or delete it') from None
+  return read_json(path, 'fix or delete it') if os.path.exists(path) else {}

@@ -24,6 +24,7 @@ from data.pairs import PairIterator, Pairs, eval_batches
 from experiments.base import get_config
 from model.errors import UserError
 from model.heads import build_scalar_model, lm_backbone, sequence_scores
+from model.jsonio import read_json
 from model.pretrained import Pretrained, with_saved
 from train import checkpoint
 from train.loop import Trainer, init_trainer, run_training
@@ -66,18 +67,11 @@ def reward_trainer(cfg: ConfigDict, base_config: Any, base_params: Any) -> Train
                       fresh=('score_head',))
 
 
-def read_json(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
-
-
 def load_reward_model(workdir: str) -> RewardModel:
   """The reward model a stage=reward run left in `workdir`, with its normalisation."""
-  try:
-    saved, stats = (read_json(os.path.join(workdir, name)) for name in ('config.json', STATS_FILE))
-  except (OSError, ValueError) as e:
-    raise UserError(f'{workdir} is not a finished reward run ({e}); set rlhf.reward_model to the '
-                    'workdir of a completed stage=reward run') from None
+  fix = (f'{workdir} is not a finished reward run; set rlhf.reward_model to the workdir of a '
+         'completed stage=reward run')
+  saved, stats = (read_json(os.path.join(workdir, name), fix) for name in ('config.json', STATS_FILE))
   cfg = with_saved(get_config().to_dict(), saved)
   if cfg.stage != 'reward':
     raise UserError(f'{workdir} was trained by stage={cfg.stage!r}, not reward; point '
