@@ -32,6 +32,7 @@ from data import formats
 from data.pipeline import TrainRowIterator, check_batch_shape, check_launch
 from data.sft import check_sft_fields, hold_out
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 Label = str | int
 
@@ -53,13 +54,6 @@ class Examples:
             'weights': np.ones(len(index), np.float32) if weights is None else weights}
 
 
-def frame(tokenizer: Any, text: str) -> list[int]:
-  """Ids of `text` inside the tokenizer's own sentence markers, else inside BOS and EOS."""
-  if hasattr(tokenizer, 'encode_framed'):
-    return tokenizer.encode_framed(text)
-  return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-
-
 def label_names(labels: Sequence[Label]) -> list[Label]:
   """The distinct train labels in sorted order: class i is names[i]."""
   if len({type(label) for label in labels}) > 1:
@@ -70,7 +64,7 @@ def label_names(labels: Sequence[Label]) -> list[Label]:
   return names
 
 
-def encode_examples(records: Sequence[tuple[str, Label]], names: list[Label], tokenizer: Any,
+def encode_examples(records: Sequence[tuple[str, Label]], names: list[Label], tokenizer: Tokenizer,
                     seq_len: int, overlong: str, split: str) -> tuple[Examples, dict[str, int]]:
   """The records framed, fitted to seq_len (see `sft.overlong`) and numbered by `names`, and the
   counts: examples kept, truncated, dropped."""
@@ -80,7 +74,7 @@ def encode_examples(records: Sequence[tuple[str, Label]], names: list[Label], to
     if label not in class_id:
       raise UserError(f'sft.{split} has label {label!r}, which no sft.train record has; a classifier '
                       'predicts only the train labels')
-    ids = frame(tokenizer, text)
+    ids = tokenizer.encode_framed(text)
     if len(ids) > seq_len:
       if overlong == 'drop':
         dropped += 1
@@ -142,7 +136,7 @@ class ClassifyDataset:
   """Labelled examples of one process with data/pipeline.Dataset's interface (train_iter,
   eval_batches, tokenizer, info)."""
 
-  tokenizer: Any
+  tokenizer: Tokenizer
   info: dict
   train: Examples
   evals: Examples
@@ -181,7 +175,7 @@ class ClassifyDataset:
                       f'not {seq_len}; build it with train.seq_len')
 
 
-def build_classify_dataset(cfg_sft: ConfigDict, tokenizer: Any, seq_len: int, seed: int,
+def build_classify_dataset(cfg_sft: ConfigDict, tokenizer: Tokenizer, seq_len: int, seed: int,
                            process_index: int = 0, process_count: int = 1) -> ClassifyDataset:
   """Reads sft.train and sft.eval (or holds out sft.eval_fraction of the train records), numbers
   the labels and frames the texts for rows of seq_len tokens."""

@@ -11,7 +11,7 @@ Pairs are split by data/sources.holdout_mask (every k-th pair held out), so the 
 stages of one seed train and evaluate on the same pairs.
 """
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import grain
 import numpy as np
@@ -21,6 +21,7 @@ from data.preferences import ChainTask, prefers_first
 from data.sft import render, resolve_template
 from data.sources import holdout_mask
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 Sample = Callable[[np.ndarray, int], list[np.ndarray]]  # (prompts [n, p], seed) -> n responses
 
@@ -64,7 +65,7 @@ def synthetic_pairs(task: ChainTask, sample: Sample, n: int, prompt_len: int,
   return Pairs(chosen, rejected, np.full(n, prompts.shape[1]), margin)
 
 
-def hh_pairs(pattern: str, tokenizer: Any, template: str, width: int, limit: int) -> Pairs:
+def hh_pairs(pattern: str, tokenizer: Tokenizer, template: str, width: int, limit: int) -> Pairs:
   """The first `limit` HH pairs whose rows fit in `width` tokens and share their prompt."""
   template = resolve_template(tokenizer, template)
   chosen, rejected, prompt_lengths = [], [], []

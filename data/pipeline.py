@@ -29,8 +29,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import sources
-from data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
+from data.tokenizer import TOKENIZER_FILE, SavedTokenizer, build_tokenizer, load_tokenizer
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 OPEN_ROWS = 64  # rows first-fit packing keeps open; more = less padding, slower planning
 
@@ -62,11 +63,10 @@ def tokenize_docs(tokenizer: Tokenizer, docs: Sequence[str]) -> TokenizedDocs:
   """One pass of the tokenizer over every document (vectorised where the tokenizer is). An imported
   model's tokenizer (model/convert/tokenizer.py, for fine-tuning on text) frames documents as its
   model was trained: BOS only if it adds one (SmolLM2 does not), no special token it lacks."""
-  add_bos = getattr(tokenizer, 'add_bos', True) and tokenizer.bos_id is not None
+  add_bos = tokenizer.add_bos and tokenizer.bos_id is not None
   bos = np.array([tokenizer.bos_id] if add_bos else [], np.int32)
   eos = np.array([] if tokenizer.eos_id is None else [tokenizer.eos_id], np.int32)
-  encode = getattr(tokenizer, 'encode_array', None) or (lambda doc: np.array(tokenizer.encode(doc), np.int32))
-  encoded = [encode(doc) for doc in docs]
+  encoded = [tokenizer.encode_array(doc) for doc in docs]
   lengths = np.array([len(ids) + len(bos) + len(eos) for ids in encoded], np.int64)
   tokens = np.concatenate([part for ids in encoded for part in (bos, ids, eos)] or [np.zeros(0, np.int32)])
   return TokenizedDocs(tokens, np.cumsum(lengths) - lengths, lengths - 1)
@@ -309,7 +309,8 @@ def check_batch_shape(batch_size: int, seq_len: int) -> None:
     raise UserError(f"batch of {batch_size}×{seq_len} rows is empty; use a per-process batch size and seq_len >= 1")
 
 
-def run_tokenizer(spec: str, train_docs: list[str], tokenizer_dir: str | None, process_index: int) -> Tokenizer:
+def run_tokenizer(spec: str, train_docs: list[str], tokenizer_dir: str | None,
+                  process_index: int) -> SavedTokenizer:
   """The saved tokenizer when there is one (a resumed run), else a new one saved by process 0."""
   if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -15,13 +15,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data.synthetic import MarkovChain, markov_chain
-from data.tokenizer import Tokenizer
+from data.tokenizer import SavedTokenizer
 from model.errors import UserError
 
 NOT_SYMBOL = -1
 
 
-def symbol_token_ids(chain: MarkovChain, tokenizer: Tokenizer) -> np.ndarray:
+def symbol_token_ids(chain: MarkovChain, tokenizer: SavedTokenizer) -> np.ndarray:
   """[S] the token id of each symbol (the char tokenizer's ids follow its sorted vocabulary, not the
   chain's alphabet order); each symbol must be one token of its own."""
   ids = tokenizer.encode_array(chain.alphabet)
@@ -143,7 +143,7 @@ class ChainTask:
     return out
 
 
-def chain_task(synthetic: ConfigDict, n_target: int, illegal_penalty: float, tokenizer: Tokenizer
+def chain_task(synthetic: ConfigDict, n_target: int, illegal_penalty: float, tokenizer: SavedTokenizer
                ) -> ChainTask:
   """The gold task of `data.synthetic`'s chain; its seed also picks the (separated) target class."""
   chain = markov_chain(synthetic)

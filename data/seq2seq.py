@@ -32,7 +32,7 @@ from data import sources
 from data.jsonl import json_objects, string_fields
 from data.pipeline import (TokenizedDocs, TrainRowIterator, check_batch_shape, check_launch,
                            cut_documents, run_tokenizer, tokenize_docs)
-from data.tokenizer import Tokenizer
+from data.tokenizer import SavedTokenizer
 from model.errors import UserError
 
 Example = tuple[np.ndarray, np.ndarray]  # input ids, target ids (no specials)
@@ -60,7 +60,7 @@ class SyntheticTask:
   max_len: int
   n_eval: int
   seed: int
-  tokenizer: Tokenizer
+  tokenizer: SavedTokenizer
 
   def draw(self, rng: np.random.Generator, exclude: frozenset[str] = frozenset()) -> str:
     """A random string of min_len..max_len letters that is not in `exclude`."""
@@ -204,11 +204,11 @@ def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, sentinels: np.ndarray) -
   return inputs.astype(np.int32), targets.astype(np.int32)
 
 
-class SentinelTokenizer(Tokenizer):
+class SentinelTokenizer(SavedTokenizer):
   """`base` with `n` ids reserved above its vocabulary for sentinels (T5's <extra_id_i> is the
   i-th id from the top). Sentinels decode to nothing; the run saves the base tokenizer."""
 
-  def __init__(self, base: Tokenizer, n: int):
+  def __init__(self, base: SavedTokenizer, n: int):
     self.base, self.spec = base, base.spec
     self.pad_id, self.bos_id, self.eos_id = base.pad_id, base.bos_id, base.eos_id
     self.vocab_size = base.vocab_size + n
@@ -244,7 +244,7 @@ def blank_row(lengths: tuple[int, int], pad_id: int) -> dict[str, np.ndarray]:
           'positions': np.zeros(t, np.int32), 'weights': np.zeros(t, np.float32)}
 
 
-def encode_row(example: Example, lengths: tuple[int, int], tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+def encode_row(example: Example, lengths: tuple[int, int], tokenizer: SavedTokenizer) -> dict[str, np.ndarray]:
   """One example as a row (see the module docstring); too long inputs and targets are cut."""
   row = blank_row(lengths, tokenizer.pad_id)
   source = encoder_tokens(example[0], tokenizer.eos_id, lengths[0])
@@ -263,7 +263,7 @@ Task = SyntheticTask | PairTask | SpanCorruption
 class Seq2SeqRows(grain.IterDataset):
   """Endless rows of one process: rows p, p+P, ... of every epoch of `task`."""
 
-  def __init__(self, task: Task, source: str, seq_len: int, seed: int, tokenizer: Tokenizer,
+  def __init__(self, task: Task, source: str, seq_len: int, seed: int, tokenizer: SavedTokenizer,
                process_index: int, process_count: int):
     super().__init__()
     self.task, self.source, self.seq_len, self.seed, self.tokenizer = task, source, seq_len, seed, tokenizer
@@ -292,7 +292,7 @@ class Seq2SeqRows(grain.IterDataset):
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqDataset:
   """A seq2seq task for one process, with data/pipeline.Dataset's interface (train/loop.pretrain)."""
-  tokenizer: Tokenizer
+  tokenizer: SavedTokenizer
   info: dict
   task: Task
   source: str
@@ -354,8 +354,8 @@ def build_seq2seq_dataset(cfg_data: ConfigDict, seed: int, tokenizer_dir: str | 
   return Seq2SeqDataset(tokenizer, info, task, spec, seed, process_index, process_count)
 
 
-def synthetic_task(name: str, q: ConfigDict, seed: int, tokenizer_for: Callable[[list[str]], Tokenizer],
-                   ) -> tuple[SyntheticTask, Tokenizer]:
+def synthetic_task(name: str, q: ConfigDict, seed: int, tokenizer_for: Callable[[list[str]], SavedTokenizer],
+                   ) -> tuple[SyntheticTask, SavedTokenizer]:
   if name not in TASKS:
     raise UserError(f"data.source 'seq2seq:{name}' is not a task; use one of {SOURCES}")
   if not 2 <= q.n_symbols <= 26:
@@ -370,7 +370,7 @@ def synthetic_task(name: str, q: ConfigDict, seed: int, tokenizer_for: Callable[
 
 
 def jsonl_task(pattern: str, eval_fraction: float, seed: int,
-               tokenizer_for: Callable[[list[str]], Tokenizer]) -> tuple[PairTask, Tokenizer]:
+               tokenizer_for: Callable[[list[str]], SavedTokenizer]) -> tuple[PairTask, SavedTokenizer]:
   """{"input", "target"} records; every k-th one held out."""
   pairs = [string_fields(record, where, 'input', 'target')
            for path in sources.match_files(pattern, f'seq2seq_jsonl:{pattern}')
@@ -387,7 +387,7 @@ def jsonl_task(pattern: str, eval_fraction: float, seed: int,
 
 
 def span_task(source: sources.Source, q: ConfigDict, seed: int,
-              tokenizer_for: Callable[[list[str]], Tokenizer]) -> tuple[SpanCorruption, Tokenizer]:
+              tokenizer_for: Callable[[list[str]], SavedTokenizer]) -> tuple[SpanCorruption, SavedTokenizer]:
   if not 0 < q.noise_density < 1 or q.mean_span < 1 or q.sentinels < 1:
     raise UserError(f'span corruption needs 0 < data.seq2seq.noise_density < 1 (got {q.noise_density}), '
                     f'mean_span >= 1 (got {q.mean_span}) and sentinels >= 1 (got {q.sentinels})')

@@ -66,7 +66,7 @@ def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[
   """Greedy replies to token-id prompts, decoded without their stop token."""
   if not prompts:
     return []
-  stops = tuple(getattr(tokenizer, 'stop_ids', (tokenizer.eos_id,)))
+  stops = tuple(tokenizer.stop_ids)
   params = inference_params(trainer)
   texts = []
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
