@@ -32,7 +32,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, sources
-from data.pipeline import Dataset, TokenizedDocs, check_launch, tokenized_dataset
+from data.pipeline import Dataset, TokenizedDocs, tokenized_dataset
+from data.rows import check_launch
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 
@@ -175,7 +176,7 @@ def build_sft_dataset(cfg_sft: ConfigDict, tokenizer: Tokenizer, seq_len: int, s
       raise UserError(f"sft.{split} has no example left that fits train.seq_len={seq_len} "
                       f"({counts['dropped']} dropped); raise train.seq_len or set sft.overlong='truncate'")
   prompts = [(r.ids[:r.reply_start].tolist(), record.reference) for r, record in zip(rendered['eval'], evals)]
-  return SftDataset(tokenizer, info, splits['train'], splits['eval'], seed, process_index, process_count,
+  return SftDataset(tokenizer, info, seed, process_index, process_count, splits['train'], splits['eval'],
                     seq_len=seq_len, eval_prompts=prompts,
                     answer_of=formats.answer_extractor(cfg_sft.eval or cfg_sft.train))
 
