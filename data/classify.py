@@ -15,23 +15,22 @@ Rows:
   labels       int32 [B]       class id
   weights      float32 [B]     1 per example; 0 on the rows that fill the last eval batch
 Each epoch shuffles all train examples (seeded by (seed, epoch)) and process p of P takes rows p,
-p+P, ...; data/pipeline.TrainRowIterator saves (epoch, row), so a resumed run sees the batches the
+p+P, ...; data/rows.RowIterator saves (epoch, row), so a resumed run sees the batches the
 uninterrupted one would have.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
-import grain
 import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats
-from data.pipeline import TrainRowIterator, check_batch_shape, check_launch
+from data.rows import EpochRows, LazyEpoch, RowsDataset, check_batch_shape, check_launch, eval_share
 from data.sft import check_sft_fields, hold_out
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 Label = str | int
 
@@ -53,13 +52,6 @@ class Examples:
             'weights': np.ones(len(index), np.float32) if weights is None else weights}
 
 
-def frame(tokenizer: Any, text: str) -> list[int]:
-  """Ids of `text` inside the tokenizer's own sentence markers, else inside BOS and EOS."""
-  if hasattr(tokenizer, 'encode_framed'):
-    return tokenizer.encode_framed(text)
-  return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-
-
 def label_names(labels: Sequence[Label]) -> list[Label]:
   """The distinct train labels in sorted order: class i is names[i]."""
   if len({type(label) for label in labels}) > 1:
@@ -70,7 +62,7 @@ def label_names(labels: Sequence[Label]) -> list[Label]:
   return names
 
 
-def encode_examples(records: Sequence[tuple[str, Label]], names: list[Label], tokenizer: Any,
+def encode_examples(records: Sequence[tuple[str, Label]], names: list[Label], tokenizer: Tokenizer,
                     seq_len: int, overlong: str, split: str) -> tuple[Examples, dict[str, int]]:
   """The records framed, fitted to seq_len (see `sft.overlong`) and numbered by `names`, and the
   counts: examples kept, truncated, dropped."""
@@ -80,7 +72,7 @@ def encode_examples(records: Sequence[tuple[str, Label]], names: list[Label], to
     if label not in class_id:
       raise UserError(f'sft.{split} has label {label!r}, which no sft.train record has; a classifier '
                       'predicts only the train labels')
-    ids = frame(tokenizer, text)
+    ids = tokenizer.encode_framed(text)
     if len(ids) > seq_len:
       if overlong == 'drop':
         dropped += 1
@@ -98,90 +90,56 @@ def encode_examples(records: Sequence[tuple[str, Label]], names: list[Label], to
   return examples, {'examples': len(kept), 'truncated': truncated, 'dropped': dropped}
 
 
-@dataclasses.dataclass(frozen=True)
-class Epoch:
-  """One process's train examples in one epoch's order."""
-
-  order: np.ndarray  # int64 indices into Examples
-
-  @property
-  def n_rows(self) -> int:
-    return len(self.order)
-
-
-class ClassifyRows(grain.IterDataset):
+class ClassifyRows(EpochRows):
   """Endless rows of one process: every epoch, the train examples shuffled (module docstring)."""
 
   def __init__(self, examples: Examples, seed: int, process_index: int, process_count: int):
-    super().__init__()
-    self.examples, self.seed = examples, seed
-    self.process_index, self.process_count = process_index, process_count
+    super().__init__(seed, process_index, process_count)
+    self.examples = examples
 
-  def epoch(self, epoch: int) -> Epoch:
+  def epoch(self, epoch: int) -> LazyEpoch:
+    """This process's examples in the epoch's order: make(r) is row r's index, as an array [1]."""
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples.labels))
     usable = len(order) - len(order) % self.process_count  # every process gets as many rows
-    return Epoch(order[self.process_index:usable:self.process_count])
+    mine = order[self.process_index:usable:self.process_count]
+    return LazyEpoch(len(mine), lambda r: mine[r:r + 1])
 
-  def row(self, epoch: Epoch, row: int) -> dict[str, np.ndarray]:
-    return {key: value[0] for key, value in self.examples.rows(epoch.order[row:row + 1]).items()}
+  def row(self, plan: LazyEpoch, row: int) -> dict[str, np.ndarray]:
+    return {key: value[0] for key, value in self.examples.rows(plan.make(row)).items()}
 
-  def fingerprint(self) -> dict:
-    """What a saved iterator position is only valid for."""
-    return {'seq_len': self.examples.tokens.shape[1], 'seed': self.seed,
-            'n_examples': len(self.examples.labels), 'process_count': self.process_count}
-
-  def __iter__(self) -> TrainRowIterator:
-    return TrainRowIterator(self)
-
-  def __str__(self) -> str:
-    return f'ClassifyRows({len(self.examples.labels)} examples, seed={self.seed})'
+  def made_from(self) -> dict:
+    return {'seq_len': self.examples.tokens.shape[1], 'n_examples': len(self.examples.labels)}
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifyDataset:
-  """Labelled examples of one process with data/pipeline.Dataset's interface (train_iter,
-  eval_batches, tokenizer, info)."""
+class ClassifyDataset(RowsDataset):
+  """Labelled examples of one process (data/rows.TrainData)."""
 
-  tokenizer: Any
-  info: dict
   train: Examples
   evals: Examples
-  seed: int
-  process_index: int = 0
-  process_count: int = 1
 
-  def train_iter(self, batch_size: int, seq_len: int) -> grain.DatasetIterator:
-    """Endless batches of `batch_size` rows (per process); get_state()/set_state() resume exactly."""
-    self._check_shape(batch_size, seq_len)
+  def train_rows(self, batch_size: int, seq_len: int) -> ClassifyRows:
+    self._check_seq_len(seq_len)
     if len(self.train.labels) < batch_size * self.process_count:
       raise UserError(f'sft.train has {len(self.train.labels)} examples, fewer than one batch '
                       f'({batch_size * self.process_count}); use a smaller train.batch_size or more data')
-    rows = ClassifyRows(self.train, self.seed, self.process_index, self.process_count)
-    return iter(rows.batch(batch_size, drop_remainder=True))
+    return ClassifyRows(self.train, self.seed, self.process_index, self.process_count)
 
   def eval_batches(self, batch_size: int, seq_len: int, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """This process's share of the eval examples (every P-th) once, in order. Every process gets
     the same number of batches; the rows that fill the last one repeat example 0 with weight 0."""
-    self._check_shape(batch_size, seq_len)
-    n = len(self.evals.labels)
-    n_batches = math.ceil(n / (batch_size * self.process_count))
-    if max_batches > 0:
-      n_batches = min(n_batches, max_batches)
-    mine = np.arange(self.process_index, n, self.process_count)[:n_batches * batch_size]
-    index = np.zeros(n_batches * batch_size, np.int64)
-    weights = np.zeros(n_batches * batch_size, np.float32)
-    index[:len(mine)], weights[:len(mine)] = mine, 1.0
-    batches = [slice(b * batch_size, (b + 1) * batch_size) for b in range(n_batches)]
-    return [self.evals.rows(index[b], weights[b]) for b in batches]
-
-  def _check_shape(self, batch_size: int, seq_len: int) -> None:
     check_batch_shape(batch_size, seq_len)
+    self._check_seq_len(seq_len)
+    return [self.evals.rows(index, weights) for index, weights in
+            eval_share(len(self.evals.labels), batch_size, self.process_index, self.process_count, max_batches)]
+
+  def _check_seq_len(self, seq_len: int) -> None:
     if seq_len != self.train.tokens.shape[1]:
       raise UserError(f'the classification data was framed for seq_len {self.train.tokens.shape[1]}, '
                       f'not {seq_len}; build it with train.seq_len')
 
 
-def build_classify_dataset(cfg_sft: ConfigDict, tokenizer: Any, seq_len: int, seed: int,
+def build_classify_dataset(cfg_sft: ConfigDict, tokenizer: Tokenizer, seq_len: int, seed: int,
                            process_index: int = 0, process_count: int = 1) -> ClassifyDataset:
   """Reads sft.train and sft.eval (or holds out sft.eval_fraction of the train records), numbers
   the labels and frames the texts for rows of seq_len tokens."""
@@ -203,4 +161,4 @@ def build_classify_dataset(cfg_sft: ConfigDict, tokenizer: Any, seq_len: int, se
     info.update({f'{split}_{key}': value for key, value in counts.items()})
   eval_labels = splits['eval'].labels  # always answering the most common class scores this:
   info['eval_majority_accuracy'] = np.bincount(eval_labels).max() / len(eval_labels)
-  return ClassifyDataset(tokenizer, info, splits['train'], splits['eval'], seed, process_index, process_count)
+  return ClassifyDataset(tokenizer, info, seed, process_index, process_count, splits['train'], splits['eval'])

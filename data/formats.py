@@ -20,15 +20,14 @@ GSM8K's final number, a prompt_completion or synthetic completion; chat and HH h
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import re
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from ml_collections import ConfigDict
 
 from data import sources, synthetic
+from data.jsonl import json_objects, string_fields
 from model.errors import UserError
 
 SPECS = ('prompt_completion:GLOB | chat:GLOB | gsm8k:GLOB | hh:GLOB | synthetic_instruct | text:GLOB | '
@@ -69,12 +68,12 @@ def read_labeled(spec: str, field: str) -> list[tuple[str, str | int]]:
     raise UserError(f"{field}={spec!r} is not valid here; use classify:GLOB")
   records = []
   for path in sources.match_files(pattern, spec, field):
-    for where, obj in _json_objects(path):
+    for where, obj in json_objects(path):
       label = obj.get('label')
       if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise UserError(f"{where} has no string or integer field 'label'; classification records "
                         'are {"text": ..., "label": ...}')
-      records.append((*_strings(obj, where, 'text'), label))
+      records.append((*string_fields(obj, where, 'text'), label))
   if not records:
     raise UserError(f"{field}={spec!r} has no records; fill its files or point it elsewhere")
   return records
@@ -134,7 +133,7 @@ def exact_match(predictions: Sequence[str | None], references: Sequence[str | No
 
 def _read_file(path: str, parse: Callable[[dict, str], Record], field: str) -> list[Record]:
   records = []
-  for where, obj in _json_objects(path):
+  for where, obj in json_objects(path):
     records.append(parse(obj, where))
     if not any(m['role'] == 'assistant' for m in records[-1].messages):
       raise UserError(f"{where} has no assistant message; SFT trains on assistant replies, so add "
@@ -144,41 +143,12 @@ def _read_file(path: str, parse: Callable[[dict, str], Record], field: str) -> l
   return records
 
 
-def _json_objects(path: str) -> Iterator[tuple[str, dict]]:
-  """('path:line', object) of every non-blank line of a .jsonl or .jsonl.gz file."""
-  opener = gzip.open if path.endswith('.gz') else open
-  try:
-    with opener(path, 'rt', encoding='utf-8') as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f'{path}:{number}'
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError:
-          raise UserError(f"{where} is not valid JSON; fix or remove that line") from None
-        if not isinstance(obj, dict):
-          raise UserError(f"{where} is not a JSON object; write one {{...}} record per line")
-        yield where, obj
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f"{path} cannot be read ({e}); it must be UTF-8 .jsonl or gzipped .jsonl.gz") from None
-
-
-def _strings(obj: dict, where: str, *names: str) -> list[str]:
-  """The string fields `names` of a record; a missing one is an error naming the line."""
-  for name in names:
-    if not isinstance(obj.get(name), str):
-      raise UserError(f"{where} has no string field {name!r}; each record needs "
-                      f"{' and '.join(map(repr, names))}")
-  return [obj[name] for name in names]
-
-
 def _message(role: str, content: str) -> dict[str, str]:
   return {'role': role, 'content': content}
 
 
 def _prompt_completion(obj: dict, where: str) -> Record:
-  prompt, completion = _strings(obj, where, 'prompt', 'completion')
+  prompt, completion = string_fields(obj, where, 'prompt', 'completion')
   return Record([_message('user', prompt), _message('assistant', completion)], completion.strip())
 
 
@@ -192,26 +162,26 @@ def _chat(obj: dict, where: str) -> Record:
     role = message.get('role') if isinstance(message, dict) else None
     if role not in ROLES:
       raise UserError(f"{where}: message {i} has role {role!r}; use one of {', '.join(ROLES)}")
-    out.append(_message(role, *_strings(message, f'{where}: message {i}', 'content')))
+    out.append(_message(role, *string_fields(message, f'{where}: message {i}', 'content')))
   return Record(out)
 
 
 def _gsm8k(obj: dict, where: str) -> Record:
   """The solution as the reply, without calculator annotations (the text beside them says the
   same, and a model without a calculator should not learn to emit them)."""
-  question, answer = _strings(obj, where, 'question', 'answer')
+  question, answer = string_fields(obj, where, 'question', 'answer')
   answer = _CALCULATOR.sub('', answer)
   return Record([_message('user', question), _message('assistant', answer)], extract_answer(answer))
 
 
 def _hh(obj: dict, where: str) -> Record:
-  return Record(hh_dialogue(*_strings(obj, where, 'chosen'), where=where))
+  return Record(hh_dialogue(*string_fields(obj, where, 'chosen'), where=where))
 
 
 def read_hh_pairs(pattern: str, field: str) -> list[tuple[list[dict[str, str]], list[dict[str, str]]]]:
   """(chosen, rejected) messages of every HH record the glob matches (the RLHF stages' pairs)."""
-  return [tuple(hh_dialogue(text, where) for text in _strings(obj, where, 'chosen', 'rejected'))
-          for path in sources.match_files(pattern, f'hh:{pattern}', field) for where, obj in _json_objects(path)]
+  return [tuple(hh_dialogue(text, where) for text in string_fields(obj, where, 'chosen', 'rejected'))
+          for path in sources.match_files(pattern, f'hh:{pattern}', field) for where, obj in json_objects(path)]
 
 
 _PARSERS: dict[str, Callable[[dict, str], Record]] = {

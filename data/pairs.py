@@ -11,16 +11,17 @@ Pairs are split by data/sources.holdout_mask (every k-th pair held out), so the 
 stages of one seed train and evaluate on the same pairs.
 """
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
-import grain
 import numpy as np
 
 from data import formats
 from data.preferences import ChainTask, prefers_first
+from data.rows import EpochRows, LazyEpoch, RowIterator, eval_share
 from data.sft import render, resolve_template
 from data.sources import holdout_mask
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 Sample = Callable[[np.ndarray, int], list[np.ndarray]]  # (prompts [n, p], seed) -> n responses
 
@@ -64,7 +65,7 @@ def synthetic_pairs(task: ChainTask, sample: Sample, n: int, prompt_len: int,
   return Pairs(chosen, rejected, np.full(n, prompts.shape[1]), margin)
 
 
-def hh_pairs(pattern: str, tokenizer: Any, template: str, width: int, limit: int) -> Pairs:
+def hh_pairs(pattern: str, tokenizer: Tokenizer, template: str, width: int, limit: int) -> Pairs:
   """The first `limit` HH pairs whose rows fit in `width` tokens and share their prompt."""
   template = resolve_template(tokenizer, template)
   chosen, rejected, prompt_lengths = [], [], []
@@ -93,49 +94,46 @@ def prompts_of(pairs: Pairs) -> list[np.ndarray]:
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
   """Every pair once, in order; the last batch is filled with weight-0 copies of pair 0."""
-  n = len(arrays['weights'])
   batches = []
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, start + batch_size)
-    real = rows < n
-    batch = {k: v[np.where(real, rows, 0)] for k, v in arrays.items()}
+  for index, real in eval_share(len(arrays['weights']), batch_size):
+    batch = {k: v[index] for k, v in arrays.items()}
     batch['weights'] = batch['weights'] * real
     batches.append(batch)
   return batches
 
 
-class PairIterator(grain.DatasetIterator):
-  """Endless batches of pairs, each epoch a fresh (seed, epoch) permutation; process p of P takes
-  rows [p·b, (p+1)·b) of every global batch of P·b. State: (epoch, position), exact on resume."""
+class PairBatches(EpochRows):
+  """Batches of pairs, each epoch a fresh (seed, epoch) permutation cut into global batches of
+  P·b (the tail that fills none is left out); process p takes rows [p·b, (p+1)·b) of each. A
+  "row" here is one such batch."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int,
+               process_index: int, process_count: int):
+    super().__init__(seed, process_index, process_count)
+    self.arrays, self.batch_size = arrays, batch_size
+    self.n = len(arrays['weights'])
+
+  def epoch(self, epoch: int) -> LazyEpoch:
+    size = self.batch_size * self.process_count
+    order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    mine = order[:self.n // size * size].reshape(-1, self.process_count, self.batch_size)[:, self.process_index]
+    return LazyEpoch(len(mine), mine.__getitem__)
+
+  def row(self, plan: LazyEpoch, row: int) -> dict[str, np.ndarray]:
+    rows = plan.make(row)
+    return {k: v[rows] for k, v in self.arrays.items()}
+
+  def made_from(self) -> dict:
+    return {'n_pairs': self.n, 'batch_size': self.batch_size}
+
+
+class PairIterator(RowIterator):
+  """Endless batches of pairs (PairBatches); state (epoch, batch), exact on resume."""
 
   def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1):
-    super().__init__()
-    self._arrays, self._batch, self._seed = arrays, batch_size, seed
-    self._shard = (process_index, process_count)
-    self._n = len(arrays['weights'])
-    if self._n < batch_size * process_count:
-      raise UserError(f'{self._n} training pairs are fewer than one batch of '
+    n = len(arrays['weights'])
+    if n < batch_size * process_count:
+      raise UserError(f'{n} training pairs are fewer than one batch of '
                       f'{batch_size * process_count}; lower train.batch_size or raise rlhf.pairs')
-    self._epoch, self._position = 0, 0
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    p, count = self._shard
-    size = self._batch * count
-    if self._position + size > self._n:
-      self._epoch, self._position = self._epoch + 1, 0
-    order = np.random.default_rng([self._seed, self._epoch]).permutation(self._n)
-    rows = order[self._position + p * self._batch:self._position + (p + 1) * self._batch]
-    self._position += size
-    return {k: v[rows] for k, v in self._arrays.items()}
-
-  def get_state(self) -> dict:
-    return {'epoch': self._epoch, 'position': self._position, 'n_pairs': self._n,
-            'seed': self._seed}
-
-  def set_state(self, state: dict) -> None:
-    if (state.get('n_pairs'), state.get('seed')) != (self._n, self._seed):
-      raise UserError(f'data iterator state is for {state.get("n_pairs")} pairs and seed '
-                      f'{state.get("seed")}, this run has {self._n} and {self._seed}; resume with '
-                      'the same rlhf settings and seed, or use a fresh workdir')
-    self._epoch, self._position = int(state['epoch']), int(state['position'])
+    super().__init__(PairBatches(arrays, batch_size, seed, process_index, process_count))

@@ -14,23 +14,23 @@ Each epoch (numpy, seeded by (seed, epoch)): documents longer than a row are cut
 seq_len pairs starting at a fresh random offset (so a one-file corpus gives new windows every
 epoch); every piece restarts positions at 0 and never attends to the piece before it, like
 nanoGPT's random windows. All pieces are shuffled and packed first-fit into rows; process p of P
-takes rows p, p+P, ... The iterator is a grain DatasetIterator whose state is (epoch, row): small,
+takes rows p, p+P, ... The iterator is data/rows.RowIterator, whose state (epoch, row) is small,
 JSON-ready and exact on resume.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Sequence
 
-import grain
 import numpy as np
 from ml_collections import ConfigDict
 
 from data import sources
-from data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
+from data.rows import EpochRows, RowsDataset, check_batch_shape, check_launch, eval_batch_count
+from data.tokenizer import TOKENIZER_FILE, SavedTokenizer, build_tokenizer, load_tokenizer
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 OPEN_ROWS = 64  # rows first-fit packing keeps open; more = less padding, slower planning
 
@@ -62,11 +62,10 @@ def tokenize_docs(tokenizer: Tokenizer, docs: Sequence[str]) -> TokenizedDocs:
   """One pass of the tokenizer over every document (vectorised where the tokenizer is). An imported
   model's tokenizer (model/convert/tokenizer.py, for fine-tuning on text) frames documents as its
   model was trained: BOS only if it adds one (SmolLM2 does not), no special token it lacks."""
-  add_bos = getattr(tokenizer, 'add_bos', True) and tokenizer.bos_id is not None
+  add_bos = tokenizer.add_bos and tokenizer.bos_id is not None
   bos = np.array([tokenizer.bos_id] if add_bos else [], np.int32)
   eos = np.array([] if tokenizer.eos_id is None else [tokenizer.eos_id], np.int32)
-  encode = getattr(tokenizer, 'encode_array', None) or (lambda doc: np.array(tokenizer.encode(doc), np.int32))
-  encoded = [encode(doc) for doc in docs]
+  encoded = [tokenizer.encode_array(doc) for doc in docs]
   lengths = np.array([len(ids) + len(bos) + len(eos) for ids in encoded], np.int64)
   tokens = np.concatenate([part for ids in encoded for part in (bos, ids, eos)] or [np.zeros(0, np.int32)])
   return TokenizedDocs(tokens, np.cumsum(lengths) - lengths, lengths - 1)
@@ -149,14 +148,13 @@ def assemble(docs: TokenizedDocs, pieces: Pieces, rows: range, seq_len: int, pad
   return batch
 
 
-class TrainRows(grain.IterDataset):
+class TrainRows(EpochRows):
   """Endless packed rows of one process, reshuffled every epoch (see the module docstring)."""
 
   def __init__(self, docs: TokenizedDocs, seq_len: int, seed: int, pad_id: int,
                process_index: int, process_count: int):
-    super().__init__()
-    self.docs, self.seq_len, self.seed, self.pad_id = docs, seq_len, seed, pad_id
-    self.process_index, self.process_count = process_index, process_count
+    super().__init__(seed, process_index, process_count)
+    self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
 
   def epoch(self, epoch: int) -> Pieces:
     """This process's rows of `epoch`: random cut offsets, shuffled pieces, first-fit packing."""
@@ -176,79 +174,25 @@ class TrainRows(grain.IterDataset):
     batch = assemble(self.docs, pieces, range(row, row + 1), self.seq_len, self.pad_id)
     return {key: value[0] for key, value in batch.items()}
 
-  def fingerprint(self) -> dict:
-    """What a saved iterator position is only valid for."""
-    return {'seq_len': self.seq_len, 'seed': self.seed, 'n_tokens': len(self.docs.tokens),
-            'process_count': self.process_count}
-
-  def __iter__(self) -> TrainRowIterator:
-    return TrainRowIterator(self)
-
-  def __str__(self) -> str:
-    return f'TrainRows(seq_len={self.seq_len}, seed={self.seed})'
-
-
-class TrainRowIterator(grain.DatasetIterator):
-  """Position (epoch, row) in TrainRows (or any rows with its epoch/row/fingerprint methods and
-  process_count, as data/seq2seq.py's); get_state/set_state carry it plus a fingerprint that
-  refuses a state from a different corpus, seq_len or seed."""
-
-  def __init__(self, rows: TrainRows):
-    super().__init__()
-    self._rows = rows
-    self._epoch, self._row = 0, 0
-    self._pieces = rows.epoch(0)
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    while self._row >= self._pieces.n_rows:
-      self._epoch, self._row = self._epoch + 1, 0
-      self._pieces = self._rows.epoch(self._epoch)
-    row = self._rows.row(self._pieces, self._row)
-    self._row += 1
-    return row
-
-  def get_state(self) -> dict:
-    return {'epoch': self._epoch, 'row': self._row, **self._rows.fingerprint()}
-
-  def set_state(self, state: dict) -> None:
-    """Restores a position; a state from a different process count continues at the same share
-    of the same epoch (exact only for the same count)."""
-    for key, value in self._rows.fingerprint().items():
-      if key != 'process_count' and state.get(key) != value:
-        raise UserError(f"data iterator state has {key}={state.get(key)} but this run has {value}; "
-                        "resume with the same data, seed and train.seq_len, or start a fresh workdir")
-    self._row = int(state['row']) * int(state['process_count']) // self._rows.process_count
-    if int(state['epoch']) != self._epoch:
-      self._epoch = int(state['epoch'])
-      self._pieces = self._rows.epoch(self._epoch)
+  def made_from(self) -> dict:
+    return {'seq_len': self.seq_len, 'n_tokens': len(self.docs.tokens)}
 
 
 @dataclasses.dataclass(frozen=True)
-class Dataset:
+class Dataset(RowsDataset):
   """Tokenized splits of one source for one process, and the batches made from them."""
 
-  tokenizer: Tokenizer
-  info: dict
   train_tokens: TokenizedDocs
   eval_tokens: TokenizedDocs
-  seed: int
-  process_index: int = 0
-  process_count: int = 1
 
-  def train_dataset(self, batch_size: int, seq_len: int) -> grain.IterDataset:
-    """Endless batches of `batch_size` rows (per process) as a grain IterDataset (add prefetch etc.)."""
-    check_batch_shape(batch_size, seq_len)
+  def train_rows(self, batch_size: int, seq_len: int) -> TrainRows:
     global_batch = batch_size * self.process_count
     n_pairs = int(self.train_tokens.n_pairs.sum())
     if n_pairs < global_batch * seq_len:
       raise UserError(f"train split has {n_pairs} tokens, fewer than one batch ({global_batch}×{seq_len}); "
                       "use a smaller train.batch_size/train.seq_len or more data")
-    rows = TrainRows(self.train_tokens, seq_len, self.seed, self.tokenizer.pad_id, self.process_index, self.process_count)
-    return rows.batch(batch_size, drop_remainder=True)
-
-  def train_iter(self, batch_size: int, seq_len: int) -> grain.DatasetIterator:
-    """Iterator over `train_dataset`; get_state()/set_state() resume it exactly."""
-    return iter(self.train_dataset(batch_size, seq_len))
+    return TrainRows(self.train_tokens, seq_len, self.seed, self.tokenizer.pad_id, self.process_index,
+                     self.process_count)
 
   def eval_batches(self, batch_size: int, seq_len: int, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The whole eval split once, in order (long documents cut into consecutive rows). Every process
@@ -259,9 +203,7 @@ class Dataset:
     rows = first_fit(length, seq_len)
     n_rows = int(rows.max()) + 1
     pieces = shard_rows(self.eval_tokens, doc, start, length, rows, n_rows, self.process_index, self.process_count)
-    n_batches = math.ceil(n_rows / (batch_size * self.process_count))
-    if max_batches > 0:
-      n_batches = min(n_batches, max_batches)
+    n_batches = eval_batch_count(n_rows, batch_size, self.process_count, max_batches)
     empty_rows = max(0, n_batches * batch_size - pieces.n_rows)
     padded = dataclasses.replace(pieces, bounds=np.pad(pieces.bounds, (0, empty_rows), mode='edge'))
     return [assemble(self.eval_tokens, padded, range(b * batch_size, (b + 1) * batch_size), seq_len,
@@ -294,22 +236,11 @@ def tokenized_dataset(source: sources.Source, tokenizer: Tokenizer, seed: int, p
     # symbol is one token): a document carries the same information however it is tokenized.
     info['true_entropy_nats_per_token'] = (info['true_nats_per_doc'] * info['n_eval_docs']
                                            / info['eval_target_tokens'])
-  return Dataset(tokenizer, info, train, evals, seed, process_index, process_count)
+  return Dataset(tokenizer, info, seed, process_index, process_count, train, evals)
 
 
-def check_launch(seed: int, process_index: int, process_count: int) -> None:
-  if seed < 0:
-    raise UserError(f"seed {seed} is negative; use a seed >= 0")
-  if not 0 <= process_index < process_count:
-    raise UserError(f"process_index {process_index} is not in 0..{process_count - 1}; check the launch")
-
-
-def check_batch_shape(batch_size: int, seq_len: int) -> None:
-  if batch_size < 1 or seq_len < 1:
-    raise UserError(f"batch of {batch_size}×{seq_len} rows is empty; use a per-process batch size and seq_len >= 1")
-
-
-def run_tokenizer(spec: str, train_docs: list[str], tokenizer_dir: str | None, process_index: int) -> Tokenizer:
+def run_tokenizer(spec: str, train_docs: list[str], tokenizer_dir: str | None,
+                  process_index: int) -> SavedTokenizer:
   """The saved tokenizer when there is one (a resumed run), else a new one saved by process 0."""
   if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -7,23 +7,21 @@ Reference-policy samples almost never break the chain, so a reward model trained
 learns "more target symbols" and not the penalty: a policy that buys target symbols with illegal
 transitions raises the learned reward while the gold score falls, which is reward hacking.
 
-Completions are symbol indices, -1 for a token that is no symbol. `ids_to_symbols` and
-`text_to_symbols` convert token ids (of the run's tokenizer) and strings.
+Completions are symbol indices, -1 for a token that is no symbol; `ids_to_symbols` converts token ids
+(of the run's tokenizer).
 """
 import dataclasses
-from typing import NamedTuple
-
 import numpy as np
 from ml_collections import ConfigDict
 
 from data.synthetic import MarkovChain, markov_chain
-from data.tokenizer import Tokenizer
+from data.tokenizer import SavedTokenizer
 from model.errors import UserError
 
 NOT_SYMBOL = -1
 
 
-def symbol_token_ids(chain: MarkovChain, tokenizer: Tokenizer) -> np.ndarray:
+def symbol_token_ids(chain: MarkovChain, tokenizer: SavedTokenizer) -> np.ndarray:
   """[S] the token id of each symbol (the char tokenizer's ids follow its sorted vocabulary, not the
   chain's alphabet order); each symbol must be one token of its own."""
   ids = tokenizer.encode_array(chain.alphabet)
@@ -48,11 +46,6 @@ def symbols_to_ids(symbols: np.ndarray, symbol_ids: np.ndarray) -> np.ndarray:
   return symbol_ids[np.asarray(symbols)].astype(np.int32)
 
 
-def text_to_symbols(text: str, chain: MarkovChain) -> np.ndarray:
-  """Characters -> symbol indices; a character outside the chain's alphabet is NOT_SYMBOL."""
-  return np.array([chain.alphabet.find(ch) for ch in text], np.int64)
-
-
 def transition_probs(chain: MarkovChain, completion: np.ndarray, context: int = NOT_SYMBOL
                      ) -> np.ndarray:
   """[n] the chain's probability of each completion symbol given the one before it (`context`, the
@@ -65,13 +58,6 @@ def transition_probs(chain: MarkovChain, completion: np.ndarray, context: int = 
   sym = np.where(ok, completion, 0)
   probs = np.where(prev >= 0, chain.transitions[np.maximum(prev, 0), sym], chain.initial[sym])
   return np.where(ok, probs, 0.0)
-
-
-def target_class(n_symbols: int, n_target: int, seed: int) -> np.ndarray:
-  """[S] bool: a seeded choice of `n_target` symbols that earn the gold reward."""
-  target = np.zeros(n_symbols, bool)
-  target[np.random.default_rng([seed, 2]).choice(n_symbols, n_target, replace=False)] = True
-  return target
 
 
 def separated_targets(chain: MarkovChain, n_target: int, seed: int, tries: int = 1000) -> np.ndarray:
@@ -108,30 +94,10 @@ class GoldReward:
     hits = self.target[completion[completion >= 0]].sum()
     return float(hits - self.illegal_penalty * self.illegal(completion, context))
 
-  def illegal_rate(self, completion: np.ndarray, context: int = NOT_SYMBOL) -> float:
-    """Illegal steps per completion token (0 for an empty completion)."""
-    return self.illegal(completion, context) / max(len(completion), 1)
-
   def nll(self, completion: np.ndarray, context: int = NOT_SYMBOL, floor: float = 1e-9) -> float:
     """Mean NLL (nats per token) under the true chain; an illegal step costs -log(floor)."""
     probs = transition_probs(self.chain, completion, context)
     return float(-np.log(np.maximum(probs, floor)).mean()) if len(probs) else 0.0
-
-
-def continuations(chain: MarkovChain, rng: np.random.Generator, context: np.ndarray, length: int,
-                  epsilon: float = 0.0) -> np.ndarray:
-  """[n, length] symbols continuing each context symbol [n] along the chain; with probability
-  `epsilon` a step is a uniform random symbol instead (an exploring policy that breaks the chain)."""
-  n, s = len(context), len(chain.initial)
-  cumulative = np.cumsum(chain.transitions, axis=1)
-  cumulative[:, -1] = 1.0
-  out = np.empty((n, length), np.int64)
-  prev = np.asarray(context, np.int64)
-  for t in range(length):
-    step = (rng.random(n)[:, None] >= cumulative[prev]).sum(axis=1)
-    out[:, t] = np.where(rng.random(n) < epsilon, rng.integers(0, s, n), step)
-    prev = out[:, t]
-  return out
 
 
 def prefers_first(gold_a: np.ndarray, gold_b: np.ndarray, temperature: float,
@@ -144,39 +110,6 @@ def prefers_first(gold_a: np.ndarray, gold_b: np.ndarray, temperature: float,
   else:
     p = 1.0 / (1.0 + np.exp(-np.clip(diff / temperature, -500, 500)))
   return rng.random(len(diff)) < p
-
-
-class PreferencePairs(NamedTuple):
-  """Symbol arrays; chosen and rejected continue the same prompt."""
-  prompts: np.ndarray        # [n, prompt_len]
-  chosen: np.ndarray         # [n, completion_len]
-  rejected: np.ndarray       # [n, completion_len]
-  gold_chosen: np.ndarray    # [n] gold scores
-  gold_rejected: np.ndarray  # [n]
-
-
-def sample_pairs(gold: GoldReward, rng: np.random.Generator, n_pairs: int, prompt_len: int,
-                 completion_len: int, temperature: float = 1.0, epsilon: float = 0.0
-                 ) -> PreferencePairs:
-  """Prompts from the chain, two continuations each (`continuations`), labelled by `prefers_first`."""
-  prompts = gold.chain.sample(rng, n_pairs, prompt_len)
-  a, b = (continuations(gold.chain, rng, prompts[:, -1], completion_len, epsilon) for _ in range(2))
-  score = lambda rows: np.array([gold.score(r, c) for r, c in zip(rows, prompts[:, -1])])
-  ga, gb = score(a), score(b)
-  first = prefers_first(ga, gb, temperature, rng)
-  pick = lambda x, y: np.where(first.reshape(-1, *([1] * (x.ndim - 1))), x, y)
-  return PreferencePairs(prompts, pick(a, b), pick(b, a), pick(ga, gb), pick(gb, ga))
-
-
-def pair_sequences(pairs: PreferencePairs, symbol_ids: np.ndarray, bos_id: int, eos_id: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(chosen, rejected, prompt_lengths) as token ids [BOS, prompt, completion, EOS], the documents'
-  training format, ready for train/rl/preference.py's `pair_batch`."""
-  n = len(pairs.prompts)
-  ids = lambda completion: np.concatenate(
-      [np.full((n, 1), bos_id), symbols_to_ids(pairs.prompts, symbol_ids),
-       symbols_to_ids(completion, symbol_ids), np.full((n, 1), eos_id)], axis=1).astype(np.int32)
-  return ids(pairs.chosen), ids(pairs.rejected), np.full(n, 1 + pairs.prompts.shape[1])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -210,7 +143,7 @@ class ChainTask:
     return out
 
 
-def chain_task(synthetic: ConfigDict, n_target: int, illegal_penalty: float, tokenizer: Tokenizer
+def chain_task(synthetic: ConfigDict, n_target: int, illegal_penalty: float, tokenizer: SavedTokenizer
                ) -> ChainTask:
   """The gold task of `data.synthetic`'s chain; its seed also picks the (separated) target class."""
   chain = markov_chain(synthetic)

@@ -32,8 +32,10 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, sources
-from data.pipeline import Dataset, TokenizedDocs, check_launch, tokenized_dataset
+from data.pipeline import Dataset, TokenizedDocs, tokenized_dataset
+from data.rows import check_launch
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 TEMPLATES = 'auto | model | default'
 OVERLONG = ('truncate', 'drop')
@@ -49,9 +51,9 @@ class Rendered:
   reply_start: int       # ids[:reply_start] = the prompt for generating the last assistant reply
 
 
-def resolve_template(tokenizer: Any, name: str) -> str:
+def resolve_template(tokenizer: Tokenizer, name: str) -> str:
   """'model' or 'default' for `sft.template` (auto = the tokenizer's own when it has one)."""
-  has_own = hasattr(tokenizer, 'apply_chat_template')
+  has_own = tokenizer.chat_template is not None
   if name == 'auto':
     return 'model' if has_own else 'default'
   if name == 'model' and not has_own:
@@ -61,7 +63,7 @@ def resolve_template(tokenizer: Any, name: str) -> str:
   return name
 
 
-def render(tokenizer: Any, messages: Sequence[dict[str, str]], template: str) -> Rendered:
+def render(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], template: str) -> Rendered:
   """Ids and trainable flags of a conversation under `template` ('model' or 'default')."""
   spans = model_spans(tokenizer, messages) if template == 'model' else default_spans(tokenizer, messages)
   lengths = [len(ids) for ids, _ in spans]
@@ -71,7 +73,7 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], template: str) ->
   return Rendered(ids, trainable, sum(lengths[:last_reply]))
 
 
-def default_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[Span]:
+def default_spans(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[Span]:
   """[BOS] then each message's text + [EOS]; an assistant's text and EOS are trainable."""
   if tokenizer.eos_id is None:
     raise UserError("sft.template='default' ends every message with EOS but this tokenizer has none; "
@@ -81,11 +83,11 @@ def default_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[Sp
                            for m in messages]
 
 
-def model_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[Span]:
+def model_spans(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[Span]:
   """Spans of the tokenizer's chat template: the text each message adds to the render of the ones
   before it; an assistant message's text is split into the header (what the generation prompt
   adds), the reply through its first stop token (trainable), and the rest."""
-  stops = set(getattr(tokenizer, 'stop_ids', (tokenizer.eos_id,)))
+  stops = set(tokenizer.stop_ids)
   spans: list[Span] = []
   before = ''
   for i, message in enumerate(messages):
@@ -150,7 +152,7 @@ class SftDataset(Dataset):
                       "train.seq_len")
 
 
-def build_sft_dataset(cfg_sft: ConfigDict, tokenizer: Any, seq_len: int, seed: int, process_index: int = 0,
+def build_sft_dataset(cfg_sft: ConfigDict, tokenizer: Tokenizer, seq_len: int, seed: int, process_index: int = 0,
                       process_count: int = 1, cfg_synthetic: ConfigDict | None = None) -> SftDataset:
   """Reads sft.train and sft.eval (or holds out sft.eval_fraction of the train records), renders
   them with the template and fits them to rows of seq_len pairs. `cfg_synthetic` (data.synthetic)
@@ -174,7 +176,7 @@ def build_sft_dataset(cfg_sft: ConfigDict, tokenizer: Any, seq_len: int, seed: i
       raise UserError(f"sft.{split} has no example left that fits train.seq_len={seq_len} "
                       f"({counts['dropped']} dropped); raise train.seq_len or set sft.overlong='truncate'")
   prompts = [(r.ids[:r.reply_start].tolist(), record.reference) for r, record in zip(rendered['eval'], evals)]
-  return SftDataset(tokenizer, info, splits['train'], splits['eval'], seed, process_index, process_count,
+  return SftDataset(tokenizer, info, seed, process_index, process_count, splits['train'], splits['eval'],
                     seq_len=seq_len, eval_prompts=prompts,
                     answer_of=formats.answer_extractor(cfg_sft.eval or cfg_sft.train))
 
@@ -187,7 +189,7 @@ def check_sft_fields(cfg_sft: ConfigDict) -> None:
     raise UserError(f"sft.max_examples={cfg_sft.max_examples} is negative; use 0 (all) or a count")
 
 
-def build_text_dataset(cfg_sft: ConfigDict, tokenizer: Any, seed: int, process_index: int = 0,
+def build_text_dataset(cfg_sft: ConfigDict, tokenizer: Tokenizer, seed: int, process_index: int = 0,
                        process_count: int = 1) -> Dataset:
   """`sft.train='text:GLOB'`: one document per file, every token trained (domain adaptation); eval
   is `sft.eval='text:GLOB'`, or with sft.eval='' the last sft.eval_fraction of each train file."""

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
-import json
 import os
 import re
 from typing import Sequence
@@ -21,6 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import synthetic
+from data.jsonl import json_objects
 from model.errors import UserError
 
 SOURCES = 'synthetic | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[:FIELD]'
@@ -127,20 +126,11 @@ def _jsonl(pattern: str, field: str, fraction: float) -> Source:
 
 def _jsonl_field(path: str, field: str) -> list[str]:
   """`field` of every record of a .jsonl or .jsonl.gz file (blank lines skipped)."""
-  opener = gzip.open if path.endswith('.gz') else open
   docs = []
-  with opener(path, 'rt', encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        raise UserError(f"{path}:{number} is not valid JSON; fix or remove that line") from None
-      value = record.get(field) if isinstance(record, dict) else None
-      if not isinstance(value, str):
-        raise UserError(f"{path}:{number} has no string field {field!r}; check the FIELD in 'jsonl:GLOB:FIELD'")
-      docs.append(value)
+  for where, record in json_objects(path):
+    if not isinstance(record.get(field), str):
+      raise UserError(f"{where} has no string field {field!r}; check the FIELD in 'jsonl:GLOB:FIELD'")
+    docs.append(record[field])
   return docs
 
 

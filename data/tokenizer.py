@@ -1,4 +1,5 @@
-"""Tokenizers (bytes, characters, SentencePiece) behind one small interface, saved with the run.
+"""Tokenizers a run builds (bytes, characters, SentencePiece), with model/tokenizer.py's interface,
+saved with the run.
 
 Every tokenizer is lossless: `decode(encode(s)) == s` for any valid Unicode string. `encode` adds no
 special tokens (the pipeline adds BOS/EOS); `decode` drops pad/bos/eos. A run saves its tokenizer
@@ -27,14 +28,18 @@ SPM_MAX_LINE = 2048         # characters per training sentence (longer lines are
 SPM_MAX_SENTENCES = 100_000  # sentences sampled for training: ~1 MB trains in seconds
 
 
-class Tokenizer(abc.ABC):
-  """Text <-> token ids. `spec` is the `data.tokenizer` string that built it (checked on resume)."""
+class SavedTokenizer(abc.ABC):
+  """Text <-> token ids (model/tokenizer.Tokenizer) with no chat template: every document is
+  [BOS] + text + [EOS] and a reply ends at EOS. `spec` is the `data.tokenizer` string that built it
+  (checked on resume)."""
 
   spec: str
   vocab_size: int
   pad_id: int
   bos_id: int
   eos_id: int
+  add_bos = True
+  chat_template = None
 
   @abc.abstractmethod
   def encode_array(self, text: str) -> np.ndarray:
@@ -52,6 +57,18 @@ class Tokenizer(abc.ABC):
     """Token ids of `text`, no specials added."""
     return self.encode_array(text).tolist()
 
+  def encode_framed(self, text: str) -> list[int]:
+    """[BOS] + ids + [EOS]: one sentence as this project's encoders are pretrained."""
+    return [self.bos_id, *self.encode(text), self.eos_id]
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.eos_id,)
+
+  def apply_chat_template(self, messages: Sequence[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    raise UserError(f"data.tokenizer {self.spec!r} has no chat template; use sft.template='default'")
+
   def save(self, directory: str) -> None:
     """Writes `tokenizer.json` (and any model file) into `directory`, atomically per file."""
     os.makedirs(directory, exist_ok=True)
@@ -63,7 +80,7 @@ class Tokenizer(abc.ABC):
     return type(self).__name__.removesuffix('Tokenizer').lower()
 
 
-class ByteTokenizer(Tokenizer):
+class ByteTokenizer(SavedTokenizer):
   """UTF-8 bytes: ids 0..255 are bytes, then pad=256, bos=257, eos=258. Needs no training."""
 
   spec = 'byte'
@@ -83,7 +100,7 @@ class ByteTokenizer(Tokenizer):
     return {}
 
 
-class CharTokenizer(Tokenizer):
+class CharTokenizer(SavedTokenizer):
   """One id per Unicode code point of the training corpus (sorted): pad=0, bos=1, eos=2, unk=3, chars 4...
 
   A character absent from the training corpus encodes to `unk_id` and decodes to U+FFFD, so the
@@ -123,7 +140,7 @@ class CharTokenizer(Tokenizer):
     return {'chars': self.chars}
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(SavedTokenizer):
   """A SentencePiece model. Trained ones (`train_sentencepiece`) use pad=0, unk=1, bos=2, eos=3.
 
   Lossless on any text for models trained here (byte fallback, identity normalisation, no dummy
@@ -187,7 +204,7 @@ def train_sentencepiece(texts: Iterable[str], model_type: str, vocab_size: int, 
   return SentencePieceTokenizer(model.getvalue(), spec)
 
 
-def build_tokenizer(spec: str, train_texts: Iterable[str]) -> Tokenizer:
+def build_tokenizer(spec: str, train_texts: Iterable[str]) -> SavedTokenizer:
   """The tokenizer `spec` names, trained on `train_texts` where it needs training."""
   if spec == 'byte':
     return ByteTokenizer()
@@ -201,7 +218,7 @@ def build_tokenizer(spec: str, train_texts: Iterable[str]) -> Tokenizer:
   raise UserError(f"data.tokenizer {spec!r} is not valid; use one of {SPECS}")
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
+def load_tokenizer(directory: str) -> SavedTokenizer:
   """The tokenizer `save` wrote into `directory`."""
   path = os.path.join(directory, TOKENIZER_FILE)
   fix = f"delete {directory} to rebuild the tokenizer, or restore its files"

@@ -11,6 +11,7 @@ an MLM-pretrained encoder or MiniLM loads into it (`lm_backbone`) for sequence c
 from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
@@ -93,11 +94,13 @@ def gather_last(values: Array, index: Array) -> Array:
   return jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0]
 
 
-def positions_from_mask(mask: Array) -> Array:
+def positions_from_mask(mask: Array | np.ndarray) -> Array | np.ndarray:
   """Positions [..., t] counting real tokens from 0 in each row (0 on padding), so a left-padded
-  row gets the same positions as the same tokens right-padded."""
-  real = (mask > 0).astype(jnp.int32)
-  return jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0) * real
+  row gets the same positions as the same tokens right-padded. int32; numpy in, numpy out (host
+  batches), else jax (inside jit)."""
+  xp = np if isinstance(mask, np.ndarray) else jnp
+  real = (mask > 0).astype(xp.int32)
+  return (xp.maximum(xp.cumsum(real, axis=-1) - 1, 0) * real).astype(xp.int32)
 
 
 def apply_rows(apply_fn: Callable[..., Array], variables: Any, tokens: Array, positions: Array,

@@ -24,6 +24,7 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.generate import Generation, generate
 from model.sampling import Sampling
+from model.tokenizer import Tokenizer
 from model.transformer import build_model, mean_pool
 
 SOURCES = "a project workdir, a .gguf file, a Hugging Face llama or BERT folder, or package:NAME"
@@ -48,10 +49,10 @@ class LoadedModel(NamedTuple):
 
 @dataclasses.dataclass
 class Pretrained:
-  """A loaded model. `tokenizer` has encode/decode/bos_id/eos_id/pad_id (None if none shipped)."""
+  """A loaded model; `tokenizer` is None if none shipped."""
   config: ModelConfig
   params: Any
-  tokenizer: Any
+  tokenizer: Tokenizer | None
   source: str
   build: Callable[..., nn.Module] = build_model
 
@@ -63,7 +64,7 @@ class Pretrained:
   def stop_ids(self) -> tuple[int, ...]:
     if self.tokenizer is None:
       return ()
-    return getattr(self.tokenizer, 'stop_ids', (self.tokenizer.eos_id,))
+    return self.tokenizer.stop_ids
 
   def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
     """f32 logits [t, v] for one id sequence, or [b, t, v] for equal-length rows (a reward
@@ -98,11 +99,10 @@ class Pretrained:
   def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> str:
     """The assistant's reply to a conversation [{'role': ..., 'content': ...}, ...]; `kwargs` go
     to `complete` (greedy by default)."""
-    template = getattr(self.tokenizer, 'apply_chat_template', None)
-    if template is None:
+    if self.tokenizer is None or self.tokenizer.chat_template is None:
       raise UserError(f'{self.source} has no chat template; load an instruction-tuned GGUF or '
                       'Hugging Face model')
-    ids = self.tokenizer.encode(template(messages, add_generation_prompt=True))
+    ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     return self.complete([ids], **kwargs).texts[0]
 
   def complete(self, ids: list[list[int]], *, max_new_tokens: int = 64, seed: int = 0,
@@ -122,12 +122,12 @@ class Pretrained:
   def encode(self, texts: str | Sequence[str], normalize: bool = False, batch_size: int = 32
              ) -> np.ndarray:
     """Sentence embeddings [n, d] (or [d] for one string): mean of the final hidden states over
-    each text's tokens (with the tokenizer's [CLS]/[SEP] where it has them), optionally L2-normed."""
+    each text's tokens inside its sentence markers (`encode_framed`), optionally L2-normed."""
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
     if self.tokenizer is None:
       raise UserError(f'{self.source} ships no tokenizer; sentence embeddings need one')
-    framed = getattr(self.tokenizer, 'encode_framed', self.prompt_ids)
+    framed = self.tokenizer.encode_framed
     n = self.config.max_len
     rows = [ids if len(ids) <= n else ids[:n - 1] + ids[-1:] for ids in map(framed, texts)]
     out = []
@@ -149,7 +149,7 @@ class Pretrained:
       raise UserError(f'{self.source} ships no tokenizer; pass token ids instead of text')
     ids = self.tokenizer.encode(text)
     bos = self.tokenizer.bos_id
-    return ([bos] if getattr(self.tokenizer, 'add_bos', True) and bos is not None else []) + ids
+    return ([bos] if self.tokenizer.add_bos and bos is not None else []) + ids
 
   def export_hf(self, folder: str) -> None:
     """Write a Hugging Face llama checkpoint (config.json + model.safetensors)."""

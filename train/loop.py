@@ -15,6 +15,7 @@ import optax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from data.rows import TrainData
 from model.errors import UserError
 from train import checkpoint
 from train.mesh import batch_sharding, global_batch, mesh_rules
@@ -237,9 +238,9 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
   return last
 
 
-def pretrain(cfg: ConfigDict, workdir: str, dataset) -> tuple[Trainer, dict[str, float]]:
-  """The family's pretraining objective (causal or masked LM) on `dataset` (data/pipeline.py);
-  returns the trainer and final metrics."""
+def pretrain(cfg: ConfigDict, workdir: str, dataset: TrainData) -> tuple[Trainer, dict[str, float]]:
+  """The family's pretraining objective (causal or masked LM) on `dataset` (data/pipeline.py,
+  data/seq2seq.py); returns the trainer and final metrics."""
   trainer = init_trainer(cfg, dataset.tokenizer.vocab_size)
   per_host = cfg.train.batch_size // jax.process_count()
   train_iter = dataset.train_iter(per_host, cfg.train.seq_len)

@@ -21,6 +21,7 @@ from ml_collections import ConfigDict
 from data.tokenizer import load_tokenizer
 from model.config import model_config, with_lora
 from model.errors import UserError
+from model.jsonio import read_json
 from model.heads import build_classifier, build_scalar_model
 from model.lora import merged_params
 from model.pretrained import LoadedModel, load_pretrained
@@ -54,12 +55,7 @@ def write_config(workdir: str, cfg: ConfigDict) -> None:
 
 def read_config(workdir: str) -> ConfigDict:
   """The config a run saved; one line naming the file when it is missing or unreadable."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  try:
-    with open(path, encoding='utf-8') as f:
-      return ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read {path} ({e}); pass a workdir written by run.py') from None
+  return ConfigDict(read_json(os.path.join(workdir, CONFIG_FILE), 'pass a workdir written by run.py'))
 
 
 def is_workdir(path: str) -> bool:

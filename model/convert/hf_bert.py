@@ -12,8 +12,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from model.config import ModelConfig
-from model.convert.hf_llama import Params, read_json, read_safetensors
+from model.convert.hf_llama import NOT_HF, Params, read_safetensors
 from model.errors import UserError
+from model.jsonio import read_json
 
 
 def bert_config(hf: Mapping[str, Any], where: str, max_seq_length: int = 0) -> ModelConfig:
@@ -82,12 +83,12 @@ def params_from_bert(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, where:
 
 def is_bert_folder(folder: str) -> bool:
   path = os.path.join(folder, 'config.json')
-  return os.path.exists(path) and read_json(path).get('model_type') == 'bert'
+  return os.path.exists(path) and read_json(path, NOT_HF).get('model_type') == 'bert'
 
 
 def load_hf_bert(folder: str) -> tuple[ModelConfig, Params]:
   """Config and parameters of a BERT folder; sentence_bert_config.json's max_seq_length is kept."""
   st_path = os.path.join(folder, 'sentence_bert_config.json')
-  max_seq = int(read_json(st_path).get('max_seq_length', 0)) if os.path.exists(st_path) else 0
-  cfg = bert_config(read_json(os.path.join(folder, 'config.json')), folder, max_seq)
+  max_seq = int(read_json(st_path, NOT_HF).get('max_seq_length', 0)) if os.path.exists(st_path) else 0
+  cfg = bert_config(read_json(os.path.join(folder, 'config.json'), NOT_HF), folder, max_seq)
   return cfg, params_from_bert(read_safetensors(folder), cfg, folder)

@@ -14,9 +14,11 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.jsonio import read_json
 
 Params = dict[str, Any]
 WEIGHTS_FILE = 'model.safetensors'
+NOT_HF = 'pass a Hugging Face checkpoint folder'  # what to do about an unreadable config
 
 
 def llama_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
@@ -199,7 +201,7 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
 
 def load_hf_llama(folder: str) -> tuple[ModelConfig, Params]:
   """Config and parameters of a LlamaForCausalLM folder (config.json + *.safetensors)."""
-  config = read_json(os.path.join(folder, 'config.json'))
+  config = read_json(os.path.join(folder, 'config.json'), NOT_HF)
   cfg = llama_config(config, folder)
   return cfg, params_from_hf(read_safetensors(folder), cfg, folder)
 
@@ -213,11 +215,3 @@ def export_hf_llama(params: Params, cfg: ModelConfig, folder: str) -> None:
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2, sort_keys=True)
   save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={'format': 'pt'})
-
-
-def read_json(path: str) -> dict[str, Any]:
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read {path} ({e}); pass a Hugging Face checkpoint folder') from None

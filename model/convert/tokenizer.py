@@ -1,5 +1,5 @@
-"""Tokenizers of imported models, over the `tokenizers` library, with data/tokenizer.py's interface
-(encode, decode, vocab_size, bos_id, eos_id, pad_id) plus stop ids and a chat template.
+"""Tokenizers of imported models, over the `tokenizers` library, with model/tokenizer.py's
+interface; a model that ships no chat template gets ChatML.
 
 A Hugging Face folder brings tokenizer.json. A GGUF brings only metadata (tokens, merges or scores,
 token types, the pre-tokenizer's name), from which the same tokenizer is rebuilt the way
@@ -7,11 +7,13 @@ transformers and llama.cpp do: byte-level BPE for 'gpt2' vocabularies, SentenceP
 byte fallback for 'llama' ones. Control tokens (<|im_start|>, ...) stay whole in encoded text.
 """
 import functools
-import json
 import os
 from typing import Any, Sequence
 
+import numpy as np
+
 from model.errors import UserError
+from model.jsonio import read_json
 
 # ChatML, used when a model ships no template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -30,8 +32,9 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 class TextTokenizer:
-  """Text <-> ids for an imported model. `encode` adds no BOS/EOS but keeps special tokens written
-  in the text (as a chat template writes them) whole; `decode` drops special tokens."""
+  """Text <-> ids for an imported model (model/tokenizer.Tokenizer). `encode` adds no BOS/EOS but
+  keeps special tokens written in the text (as a chat template writes them) whole; `decode` drops
+  special tokens."""
 
   def __init__(self, tokenizer: Any, *, bos_id: int | None, eos_id: int | None,
                pad_id: int | None, add_bos: bool, stop_ids: Sequence[int] = (),
@@ -48,6 +51,9 @@ class TextTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.array(self.encode(text), np.int32)
 
   def encode_framed(self, text: str) -> list[int]:
     """Ids inside the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), as encoders
@@ -214,10 +220,4 @@ def _first(value: Any) -> int | None:
 
 
 def _json_or_empty(path: str) -> dict[str, Any]:
-  if not os.path.exists(path):
-    return {}
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read {path} ({e}); fix or delete it') from None
+  return read_json(path, 'fix or delete it') if os.path.exists(path) else {}

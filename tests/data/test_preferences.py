@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from data.preferences import (NOT_SYMBOL, ChainTask, GoldReward, continuations, ids_to_symbols,
-                              pair_sequences, prefers_first, sample_pairs, separated_targets,
-                              symbol_token_ids, target_class, text_to_symbols)
+from data.preferences import (NOT_SYMBOL, ChainTask, GoldReward, ids_to_symbols, prefers_first,
+                              separated_targets, symbol_token_ids)
 from data.synthetic import MarkovChain, markov_chain
 from data.tokenizer import CharTokenizer
 from model.errors import UserError
@@ -14,6 +13,11 @@ from model.errors import UserError
 CHAIN = MarkovChain(np.array([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]),
                     np.full(3, 1 / 3), 'abc')
 TARGET = np.array([False, False, True])  # 'c' earns a point
+
+
+def text_to_symbols(text: str, chain: MarkovChain) -> np.ndarray:
+  """Characters -> symbol indices; a character outside the chain's alphabet is NOT_SYMBOL."""
+  return np.array([chain.alphabet.find(ch) for ch in text], np.int64)
 
 
 def test_gold_score_counts_targets_and_illegal_steps():
@@ -27,7 +31,6 @@ def test_gold_score_counts_targets_and_illegal_steps():
   assert list(broken) == [2, 2, NOT_SYMBOL, 2, 0]
   assert gold.illegal(broken, context=0) == 2
   assert gold.score(broken, context=0) == 3.0 - 10.0
-  assert gold.illegal_rate(broken, context=0) == 2 / 5
   np.testing.assert_allclose(gold.nll(text_to_symbols('bca', CHAIN), context=0), np.log(2) / 3)
   np.testing.assert_allclose(gold.nll(text_to_symbols('a', CHAIN)), np.log(3))  # initial dist
 
@@ -56,34 +59,6 @@ def test_labels_at_zero_temperature_pick_the_higher_gold_score():
   np.testing.assert_array_equal(first[a != b], (a > b)[a != b])
   noisy = prefers_first(np.ones(20000), np.zeros(20000), 1.0, rng)
   assert abs(noisy.mean() - 1 / (1 + np.exp(-1))) < 0.01
-
-
-def test_sampled_pairs_are_labelled_by_their_gold_scores():
-  chain = markov_chain(ConfigDict(dict(n_symbols=8, branching=3, concentration=0.5, seed=3)))
-  gold = GoldReward(chain, target_class(8, 3, seed=3))
-  pairs = sample_pairs(gold, np.random.default_rng(1), 200, prompt_len=4, completion_len=6,
-                       temperature=0.0)
-  scores = lambda rows: [gold.score(r, p[-1]) for r, p in zip(rows, pairs.prompts)]
-  np.testing.assert_array_equal(scores(pairs.chosen), pairs.gold_chosen)
-  np.testing.assert_array_equal(scores(pairs.rejected), pairs.gold_rejected)
-  assert (pairs.gold_chosen >= pairs.gold_rejected).all()
-  assert all(gold.illegal(r, p[-1]) == 0 for r, p in zip(pairs.chosen, pairs.prompts))
-  tok = CharTokenizer(chain.alphabet)
-  chosen, rejected, n_prompt = pair_sequences(pairs, symbol_token_ids(chain, tok), tok.bos_id,
-                                              tok.eos_id)
-  assert chosen.shape == (200, 1 + 4 + 6 + 1) and (n_prompt == 5).all()
-  symbols = np.concatenate([pairs.prompts[0], pairs.chosen[0]])
-  assert tok.decode(chosen[0]) == chain.render(symbols[None])[0]
-
-
-def test_exploring_continuations_break_the_chain():
-  rng = np.random.default_rng(0)
-  gold = GoldReward(CHAIN, TARGET)
-  context = np.zeros(500, np.int64)
-  legal = continuations(CHAIN, rng, context, 8)
-  assert sum(gold.illegal(r, 0) for r in legal) == 0
-  noisy = continuations(CHAIN, rng, context, 8, epsilon=0.5)
-  assert np.mean([gold.illegal_rate(r, 0) for r in noisy]) > 0.2
 
 
 def test_separated_targets_never_follow_each_other():

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from data.seq2seq import build_seq2seq_dataset, corrupt_spans, noise_mask
+from data.seq2seq import build_seq2seq_dataset
+from data.span_corruption import corrupt_spans, noise_mask
 from experiments.base import get_config
 from model.errors import UserError
 

@@ -149,3 +149,21 @@ def test_corrupt_tokenizer_dir(tmp_path):
     load_tokenizer(str(tmp_path))
   with pytest.raises(UserError, match='unreadable'):
     load_tokenizer(str(tmp_path / 'nowhere'))
+
+
+def test_both_tokenizer_families_implement_the_whole_interface():
+  """Callers read model/tokenizer.Tokenizer's members and never probe for them, so every family
+  (a run's own, an imported model's) has them all; a run's tokenizer has no chat template."""
+  from model.tokenizer import Tokenizer
+  from tests.data.test_formats import char_text_tokenizer
+  members = [*Tokenizer.__annotations__, *(n for n, v in vars(Tokenizer).items() if callable(v) and n[0] != '_')]
+  assert {'add_bos', 'stop_ids', 'encode_array', 'encode_framed', 'apply_chat_template'} <= set(members)
+  for tok in (ByteTokenizer(), CharTokenizer('ab'), char_text_tokenizer()):
+    assert [m for m in members if not hasattr(tok, m)] == [], type(tok).__name__
+  byte = ByteTokenizer()
+  assert byte.stop_ids == (byte.eos_id,) and byte.add_bos and byte.chat_template is None
+  assert byte.encode_framed('hi') == [byte.bos_id, *byte.encode('hi'), byte.eos_id]
+  with pytest.raises(UserError, match='no chat template'):
+    byte.apply_chat_template([{'role': 'user', 'content': 'hi'}])
+  text = char_text_tokenizer()
+  assert text.encode_array('ab').dtype == np.int32 and text.encode_array('ab').tolist() == text.encode('ab')

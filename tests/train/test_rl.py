@@ -11,7 +11,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from data.preferences import GoldReward, pair_sequences, sample_pairs, symbol_token_ids, target_class
+from data.preferences import GoldReward, prefers_first, symbol_token_ids
 from data.synthetic import markov_chain
 from data.tokenizer import CharTokenizer
 from model.config import ModelConfig
@@ -369,24 +369,52 @@ def test_hacking_alarms():
 
 # ---- learning: a reward model recovers the gold preference -------------------------------------
 
+def gold_pairs(gold: GoldReward, symbol_ids: np.ndarray, tok: CharTokenizer, seed: int, n: int,
+               prompt_len: int = 4, completion_len: int = 8, temperature: float = 0.5,
+               epsilon: float = 0.1) -> tuple[np.ndarray, ...]:
+  """n chain prompts, two continuations each (a step is a uniform random symbol with probability
+  epsilon, so some break the chain), ordered by Bradley-Terry noise on the gold score: chosen and
+  rejected ids [BOS, prompt, completion, EOS], prompt lengths, and the two gold scores."""
+  chain, rng = gold.chain, np.random.default_rng(seed)
+  prompts = chain.sample(rng, n, prompt_len)
+  cumulative = np.cumsum(chain.transitions, axis=1)
+  cumulative[:, -1] = 1.0
+
+  def continuations() -> np.ndarray:
+    out, prev = np.empty((n, completion_len), np.int64), np.asarray(prompts[:, -1], np.int64)
+    for t in range(completion_len):
+      step = (rng.random(n)[:, None] >= cumulative[prev]).sum(axis=1)
+      out[:, t] = np.where(rng.random(n) < epsilon, rng.integers(0, len(chain.initial), n), step)
+      prev = out[:, t]
+    return out
+
+  a, b = continuations(), continuations()
+  gold_a, gold_b = (np.array([gold.score(r, c) for r, c in zip(rows, prompts[:, -1])]) for rows in (a, b))
+  first = prefers_first(gold_a, gold_b, temperature, rng)
+  ids = lambda rows: np.concatenate([np.full((n, 1), tok.bos_id), symbol_ids[prompts],
+                                     symbol_ids[rows], np.full((n, 1), tok.eos_id)], axis=1).astype(np.int32)
+  return (ids(np.where(first[:, None], a, b)), ids(np.where(first[:, None], b, a)),
+          np.full(n, 1 + prompt_len), np.where(first, gold_a, gold_b), np.where(first, gold_b, gold_a))
+
+
 def test_reward_model_learns_gold_preferences():
   """A tiny ScalarModel trained with Bradley-Terry on pairs labelled (with noise) by the gold score
   ranks held-out pairs like the gold score does."""
   start = time.perf_counter()
   chain = markov_chain(ConfigDict(dict(n_symbols=8, branching=3, concentration=0.5, seed=0)))
-  gold = GoldReward(chain, target_class(8, 3, seed=0))
+  target = np.zeros(8, bool)
+  target[np.random.default_rng([0, 2]).choice(8, 3, replace=False)] = True
+  gold = GoldReward(chain, target)
   tok = CharTokenizer(chain.alphabet)
   ids = symbol_token_ids(chain, tok)
 
   def batches(seed, n):
-    pairs = sample_pairs(gold, np.random.default_rng(seed), n, prompt_len=4, completion_len=8,
-                         temperature=0.5, epsilon=0.1)
-    batch = pair_batch(*pair_sequences(pairs, ids, tok.bos_id, tok.eos_id), width=14,
-                       pad_id=tok.pad_id)
-    return jax.tree.map(jnp.asarray, batch), pairs
+    *rows, gold_chosen, gold_rejected = gold_pairs(gold, ids, tok, seed, n)
+    batch = pair_batch(*rows, width=14, pad_id=tok.pad_id)
+    return jax.tree.map(jnp.asarray, batch), (gold_chosen, gold_rejected)
 
   train, _ = batches(0, 4096)
-  held_out, pairs = batches(1, 512)
+  held_out, (gold_chosen, gold_rejected) = batches(1, 512)
   cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
                     head_dim=8, d_ff=64, max_len=16)
   model = build_scalar_model(cfg)
@@ -407,8 +435,8 @@ def test_reward_model_learns_gold_preferences():
     params, opt_state = step(params, opt_state, jax.tree.map(lambda x: x[rows], train))
   rewards = sequence_scores(model.apply, {'params': params}, held_out['tokens'],
                             held_out['positions'], held_out['segment_ids'])
-  decided = pairs.gold_chosen != pairs.gold_rejected
-  agree = (np.asarray(rewards[:, 0] > rewards[:, 1]) == (pairs.gold_chosen > pairs.gold_rejected))
+  decided = gold_chosen != gold_rejected
+  agree = (np.asarray(rewards[:, 0] > rewards[:, 1]) == (gold_chosen > gold_rejected))
   accuracy = agree[decided].mean()
   assert accuracy >= 0.72, accuracy
   assert time.perf_counter() - start < 60

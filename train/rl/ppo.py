@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.heads import gather_last, last_token_index
+from model.heads import gather_last, last_token_index, positions_from_mask
 from train.objectives import Batch, LossFn
 from train.rl.core import kl_k3, masked_sum, sequence_logprobs, token_values
 
@@ -40,8 +40,7 @@ def join_rollout(prompts: Sequence[Sequence[int]], responses: np.ndarray, length
     tokens[i, width:width + lengths[i]] = responses[i, :lengths[i]]
     real[i, width - len(prompt):width + lengths[i]] = 1
     response[i, width:width + lengths[i]] = 1
-  positions = np.maximum(np.cumsum(real, axis=1) - 1, 0) * real
-  return dict(tokens=tokens, positions=positions.astype(np.int32), segment_ids=real,
+  return dict(tokens=tokens, positions=positions_from_mask(real), segment_ids=real,
               response_mask=response)
 
 

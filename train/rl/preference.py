@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from model.errors import UserError
-from model.heads import sequence_scores
+from model.heads import positions_from_mask, sequence_scores
 from train.objectives import Batch, LossFn
 from train.rl.core import sequence_logprobs
 
@@ -41,8 +41,7 @@ def pair_batch(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]
       tokens[i, j, :len(row)] = row
       real[i, j, :len(row)] = 1
       response[i, j, n_prompt:len(row)] = 1
-  positions = np.maximum(np.cumsum(real, axis=-1) - 1, 0) * real
-  return dict(tokens=tokens, positions=positions.astype(np.int32), segment_ids=real,
+  return dict(tokens=tokens, positions=positions_from_mask(real), segment_ids=real,
               response_mask=response, weights=np.ones(b, np.float32))
 
 

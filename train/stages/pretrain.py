@@ -6,10 +6,11 @@ from ml_collections import ConfigDict
 
 from data.pipeline import Dataset, build_dataset
 from data.seq2seq import Seq2SeqDataset, build_seq2seq_dataset
-from data.tokenizer import Tokenizer, load_tokenizer
+from data.tokenizer import load_tokenizer
 from model.errors import UserError
 from model.generate import generate
 from model.sampling import Sampling
+from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.loop import pretrain
 from train.mesh import mesh_rules

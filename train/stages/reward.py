@@ -11,7 +11,6 @@ stored beside the checkpoint in reward_stats.json, so PPO's reward starts centre
 """
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ from ml_collections import ConfigDict
 
 from model.errors import UserError
 from model.heads import build_scalar_model, lm_backbone, sequence_scores
+from model.jsonio import read_json
 from model.pretrained import Pretrained
 from train import checkpoint
 from train.mesh import mesh_rules
@@ -66,18 +66,11 @@ def reward_trainer(cfg: ConfigDict, base_config: Any, base_params: Any) -> Train
                       fresh=('score_head',))
 
 
-def read_json(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
-
-
 def load_reward_model(workdir: str) -> RewardModel:
   """The reward model a stage=reward run left in `workdir`, with its normalisation."""
-  try:
-    stats = read_json(os.path.join(workdir, STATS_FILE))
-  except (OSError, ValueError) as e:
-    raise UserError(f'{workdir} is not a finished reward run ({e}); set rlhf.reward_model to the '
-                    'workdir of a completed stage=reward run') from None
+  fix = (f'{workdir} is not a finished reward run; set rlhf.reward_model to the workdir of a '
+         'completed stage=reward run')
+  stats = read_json(os.path.join(workdir, STATS_FILE), fix)
   cfg = read_config(workdir)
   if cfg.stage != 'reward':
     raise UserError(f'{workdir} was trained by stage={cfg.stage!r}, not reward; point '

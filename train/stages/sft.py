@@ -24,6 +24,7 @@ import jax
 from ml_collections import ConfigDict
 
 from data.classify import build_classify_dataset
+from data.rows import TrainData
 from data.sft import SftDataset, build_sft_dataset, build_text_dataset, render, resolve_template
 from model.config import ModelConfig
 from model.errors import UserError
@@ -63,7 +64,7 @@ def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[
   """Greedy replies to token-id prompts, decoded without their stop token."""
   if not prompts:
     return []
-  stops = tuple(getattr(tokenizer, 'stop_ids', (tokenizer.eos_id,)))
+  stops = tuple(tokenizer.stop_ids)
   params = inference_params(trainer)
   texts = []
   with mesh_rules(trainer.mesh):
@@ -114,7 +115,7 @@ def peak_rss_gib() -> float:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What the kind of `sft.train` decides: the rows, the loss, and the model the base goes into."""
-  dataset: Any  # train_iter, eval_batches, tokenizer, info (data/pipeline.Dataset's interface)
+  dataset: TrainData
   objective: Callable[[Callable[..., Any]], LossFn]
   summary: str  # a line about the data, printed before training
   loss_name: str  # what the held-out loss measures
