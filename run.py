@@ -1,5 +1,6 @@
 """Entry point: python run.py --config=experiments/NAME.py --workdir=DIR [--config.KEY=VALUE ...]"""
-import json
+import contextlib
+import errno
 import os
 import sys
 
@@ -24,6 +25,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: bad flag: {message} (every config field is listed in experiments/base.py)')
 
 
+READ_ONLY_STAGES = ('sample', 'chat')  # they write nothing to the workdir: no lock, no config.json
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --config.train.steps=100')
@@ -31,24 +35,39 @@ def main(argv: list[str]) -> None:
   if not workdir and cfg.stage != 'chat':  # chat only reads config.pretrained
     sys.exit('error: --workdir is required (where checkpoints, metrics and the tokenizer go)')
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
+  from model.errors import UserError
+  from train.validate import validate
+  try:
+    validate(cfg)  # before JAX starts: a bad value costs a fraction of a second
+  except UserError as e:
+    sys.exit(f'error: {e}')
   from train.xla_flags import set_cpu_defaults
   set_cpu_defaults()  # before JAX starts
   import jax  # after flag parsing, so a bad flag fails fast
-  from model.errors import UserError
   from train.mesh import maybe_initialize_distributed
   from train.stages import STAGES
+  from train.validate import validate_devices
+  from train.workdir import WorkdirLock, write_json_atomic
   try:
     if cfg.stage not in STAGES:
       raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
     maybe_initialize_distributed(cfg.mesh)
-    if workdir:
-      os.makedirs(workdir, exist_ok=True)
-    if workdir and jax.process_index() == 0:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-    STAGES[cfg.stage](cfg, workdir)
+    validate_devices(cfg, jax.device_count(), jax.process_count())
+    with contextlib.ExitStack() as held:
+      if workdir and cfg.stage not in READ_ONLY_STAGES:
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() == 0:
+          held.enter_context(WorkdirLock(workdir))  # one writer per workdir, while this stage runs
+          write_json_atomic(os.path.join(workdir, 'config.json'), cfg.to_dict(), indent=2,
+                            sort_keys=True)
+      STAGES[cfg.stage](cfg, workdir)
   except UserError as e:
     sys.exit(f'error: {e}')
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    sys.exit(f'error: the disk is full (writing {e.filename or workdir}); committed checkpoints are '
+             'intact: free space and rerun the same command to resume')
 
 
 if __name__ == '__main__':

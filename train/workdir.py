@@ -1,0 +1,87 @@
+"""A workdir is one run's record: one writer at a time, and files that are whole or absent.
+
+The lock is an OS-level `flock` on WORKDIR/.lock held through an open descriptor, so it dies with
+the process: a SIGKILLed run never leaves a stale lock, and the next run takes it at once.
+"""
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+import tempfile
+from typing import Any
+
+from model.errors import UserError
+
+LOCK_FILE = '.lock'
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for the life of this process (or until `release`).
+
+  The lock file holds the holder's pid, host, start time and command, so a refused run can name
+  it. On NFS, Linux emulates flock with POSIX locks, which work across hosts.
+  """
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _describe(self._read())
+      os.close(self._fd)
+      raise UserError(f'workdir {workdir} is in use by {holder}; wait for that run to finish, or '
+                      'use another --workdir') from None
+    holder = {'pid': os.getpid(), 'host': socket.gethostname(),
+              'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+              'command': ' '.join(sys.argv)}
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, (json.dumps(holder) + '\n').encode(), 0)
+
+  def _read(self) -> str:
+    return os.pread(self._fd, 4096, 0).decode(errors='replace')
+
+  def release(self) -> None:
+    if self._fd >= 0:
+      os.close(self._fd)  # closing the descriptor drops the lock
+      self._fd = -1
+
+  def __enter__(self) -> 'WorkdirLock':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.release()
+
+
+def _describe(text: str) -> str:
+  """'pid 123 on host h since T (python run.py ...)', or a fallback while the holder is writing it."""
+  try:
+    h = json.loads(text)
+    return f'pid {h["pid"]} on host {h["host"]} since {h["started"]} ({h["command"][:120]})'
+  except (ValueError, KeyError, TypeError):
+    return 'another process (it is starting up)'
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Write `text` to a temporary file beside `path`, fsync it and rename it over `path`: a reader
+  (or a crash) sees the old file or the new one, never half of it."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_json_atomic(path: str, obj: Any, **dump_kwargs: Any) -> None:
+  """`obj` as a JSON file, written whole or not at all (see `write_text_atomic`)."""
+  write_text_atomic(path, json.dumps(obj, **dump_kwargs))
