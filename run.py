@@ -36,30 +36,33 @@ def main(argv: list[str]) -> None:
     sys.exit('error: --workdir is required (where checkpoints, metrics and the tokenizer go)')
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
   from model.errors import UserError
+  from train.launch import launched_multiprocess
   from train.validate import validate
-  try:
-    validate(cfg)  # before JAX starts: a bad value costs a fraction of a second
-  except UserError as e:
-    sys.exit(f'error: {e}')
-  from train.xla_flags import set_cpu_defaults
-  set_cpu_defaults()  # before JAX starts
-  import jax  # after flag parsing, so a bad flag fails fast
-  from train.mesh import maybe_initialize_distributed
-  from train.stages import STAGES
-  from train.validate import validate_devices
   from train.workdir import WorkdirLock, write_json_atomic
+  writes = bool(workdir) and cfg.stage not in READ_ONLY_STAGES
+  multiprocess = launched_multiprocess(cfg.mesh)
   try:
-    if cfg.stage not in STAGES:
-      raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
-    maybe_initialize_distributed(cfg.mesh)
-    validate_devices(cfg, jax.device_count(), jax.process_count())
     with contextlib.ExitStack() as held:
-      if workdir and cfg.stage not in READ_ONLY_STAGES:
+      validate(cfg)  # before JAX starts: a bad value costs a fraction of a second ...
+      if writes and not multiprocess:  # ... and so does a second run on this workdir
+        held.enter_context(WorkdirLock(workdir))  # one writer per workdir, while this stage runs
+      from train.xla_flags import set_cpu_defaults
+      set_cpu_defaults()  # before JAX starts
+      import jax
+      from train.mesh import maybe_initialize_distributed
+      from train.stages import STAGES
+      from train.validate import validate_devices
+      if cfg.stage not in STAGES:
+        raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
+      maybe_initialize_distributed(cfg.mesh)
+      validate_devices(cfg, jax.device_count(), jax.process_count())
+      if writes:
         os.makedirs(workdir, exist_ok=True)
-        if jax.process_index() == 0:
-          held.enter_context(WorkdirLock(workdir))  # one writer per workdir, while this stage runs
-          write_json_atomic(os.path.join(workdir, 'config.json'), cfg.to_dict(), indent=2,
-                            sort_keys=True)
+      if writes and jax.process_index() == 0:
+        if multiprocess:  # process 0 holds it for all
+          held.enter_context(WorkdirLock(workdir))
+        write_json_atomic(os.path.join(workdir, 'config.json'), cfg.to_dict(), indent=2,
+                          sort_keys=True)
       STAGES[cfg.stage](cfg, workdir)
   except UserError as e:
     sys.exit(f'error: {e}')
