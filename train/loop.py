@@ -288,7 +288,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
   eval_step = make_eval_step(trainer, objective)
   # rows after the checkpoint are redone: drop them (and the final row, which a finished run rewrites)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
-                        resume_step=start - 1 if start == t.steps else start)
+                        resume_step=min(start, t.steps - 1))
   rng = jax.random.PRNGKey(cfg.seed + 1)
   preempt = _Preemption()
   last: dict[str, float] = {}

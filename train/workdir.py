@@ -21,10 +21,14 @@ class WorkdirLock:
   """An exclusive lock on a workdir for the life of this process (or until `release`).
 
   The lock file holds the holder's pid, host, start time and command, so a refused run can name
-  it. On NFS, Linux emulates flock with POSIX locks, which work across hosts.
+  it. On NFS, Linux emulates flock with POSIX locks, which work across hosts. An object-store
+  workdir (gs://...) has no locks: it is not locked.
   """
 
   def __init__(self, workdir: str):
+    self._fd = -1
+    if '://' in workdir:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
