@@ -15,7 +15,7 @@ from model.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-  """An interval of numbers, printed in interval notation: [0, 1), (0, inf), ..."""
+  """An interval of numbers, printed as '>= 1', '> 0' or 'in [0, 1)'."""
   lo: float = -math.inf
   hi: float = math.inf
   lo_open: bool = False
@@ -31,7 +31,7 @@ class Range:
   def __str__(self) -> str:
     if self.hi == math.inf:
       return f'> {self.lo:g}' if self.lo_open else f'>= {self.lo:g}'
-    return f'{"(" if self.lo_open else "["}{self.lo:g}, {self.hi:g}{")" if self.hi_open else "]"}'
+    return f'in {"(" if self.lo_open else "["}{self.lo:g}, {self.hi:g}{")" if self.hi_open else "]"}'
 
 
 def at_least(n: float) -> Range:
