@@ -1,6 +1,6 @@
 """Orbax checkpoints: train state + data iterator state + metadata, saved atomically.
 
-Orbax writes each step into `STEP.orbax-checkpoint-tmp-*` and renames it to `STEP` when every item
+Orbax writes each step into `STEP.orbax-checkpoint-tmp*` and renames it to `STEP` when every item
 is written, so a crash mid-save (SIGKILL, full disk) leaves no half-written checkpoint: orbax's
 step listing (`latest_step`) skips temporary folders, and a writing manager deletes them when it
 opens (safe: the workdir lock, train/workdir.py, means no other run is writing there).

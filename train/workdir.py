@@ -30,8 +30,7 @@ class WorkdirLock:
     if '://' in workdir:
       return
     os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, LOCK_FILE)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
+    self._fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
