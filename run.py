@@ -1,4 +1,6 @@
 """Entry point: python run.py --config=experiments/NAME.py --workdir=DIR [--config.KEY=VALUE ...]"""
+import contextlib
+import errno
 import os
 import sys
 
@@ -29,6 +31,9 @@ def architecture_overrides(argv: list[str]) -> list[str]:
   return [a[len(prefix):].split('=')[0] for a in argv if a.startswith(prefix)]
 
 
+READ_ONLY_STAGES = ('sample', 'chat')  # they write nothing to the workdir: no lock, no config.json
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --config.train.steps=100')
@@ -36,29 +41,48 @@ def main(argv: list[str]) -> None:
   if not workdir and cfg.stage != 'chat':  # chat only reads config.pretrained
     sys.exit('error: --workdir is required (where checkpoints, metrics and the tokenizer go)')
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
-  from train.xla_flags import set_cpu_defaults
-  set_cpu_defaults()  # before JAX starts
   from model.errors import UserError
-  from train.mesh import maybe_initialize_distributed
-  from train.stages import STAGES
-  from train.stages.sft import COMPUTE_FIELDS
-  from train.workdir import FROM_SCRATCH, write_config
+  from train.launch import launched_multiprocess
+  from train.validate import validate
+  from train.workdir import FROM_SCRATCH, WorkdirLock, write_config
+  writes = bool(workdir) and cfg.stage not in READ_ONLY_STAGES
+  multiprocess = launched_multiprocess(cfg.mesh)
   try:
-    if cfg.stage not in STAGES:
-      raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
-    if cfg.get('pretrained') and cfg.stage not in FROM_SCRATCH:  # the base fixes the architecture
-      ignored = [f for f in architecture_overrides(sys.argv) if f not in COMPUTE_FIELDS]
-      if ignored:
-        raise UserError(f'--config.model.{ignored[0]} cannot change the architecture of '
-                        f'config.pretrained={cfg.pretrained!r}; only model.{{{",".join(COMPUTE_FIELDS)}}} '
-                        'apply when fine-tuning')
-    maybe_initialize_distributed(cfg.mesh)
-    if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      write_config(workdir, cfg)
-    STAGES[cfg.stage](cfg, workdir)
+    with contextlib.ExitStack() as held:
+      validate(cfg)  # before JAX starts: a bad value costs a fraction of a second ...
+      if writes and not multiprocess:  # ... and so does a second run on this workdir
+        held.enter_context(WorkdirLock(workdir))  # one writer per workdir, while this stage runs
+      from train.xla_flags import set_cpu_defaults
+      set_cpu_defaults()  # before JAX starts
+      import jax
+      from train.mesh import maybe_initialize_distributed
+      from train.stages import STAGES
+      from train.stages.sft import COMPUTE_FIELDS
+      from train.validate import validate_devices
+      if cfg.stage not in STAGES:
+        raise UserError(f'config.stage={cfg.stage!r} is not one of {", ".join(STAGES)}')
+      if cfg.get('pretrained') and cfg.stage not in FROM_SCRATCH:  # the base fixes the architecture
+        ignored = [f for f in architecture_overrides(sys.argv) if f not in COMPUTE_FIELDS]
+        if ignored:
+          raise UserError(f'--config.model.{ignored[0]} cannot change the architecture of '
+                          f'config.pretrained={cfg.pretrained!r}; only model.{{{",".join(COMPUTE_FIELDS)}}} '
+                          'apply when fine-tuning')
+      maybe_initialize_distributed(cfg.mesh)
+      validate_devices(cfg, jax.device_count(), jax.process_count())
+      if writes:
+        os.makedirs(workdir, exist_ok=True)
+      if writes and jax.process_index() == 0:
+        if multiprocess:  # process 0 holds it for all
+          held.enter_context(WorkdirLock(workdir))
+        write_config(workdir, cfg)
+      STAGES[cfg.stage](cfg, workdir)
   except UserError as e:
     sys.exit(f'error: {e}')
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    sys.exit(f'error: the disk is full (writing {e.filename or workdir}); committed checkpoints are '
+             'intact: free space and rerun the same command to resume')
 
 
 if __name__ == '__main__':

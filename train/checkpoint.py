@@ -1,8 +1,12 @@
 """Orbax checkpoints: train state + data iterator state + metadata, saved atomically.
 
-Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save
-leaves no half-written checkpoint: `latest_step` only sees finished ones.
+Orbax writes each step into `STEP.orbax-checkpoint-tmp*` and renames it to `STEP` when every item
+is written, so a crash mid-save (SIGKILL, full disk) leaves no half-written checkpoint: orbax's
+step listing (`latest_step`) skips temporary folders, and a writing manager deletes them when it
+opens (safe: the workdir lock, train/workdir.py, means no other run is writing there).
 """
+import errno
+import logging
 import os
 from typing import Any
 
@@ -18,8 +22,21 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, keep: int | None, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+def _not_an_orbax_error(record: logging.LogRecord) -> bool:
+  return record.levelno < logging.ERROR or f'orbax{os.sep}checkpoint' not in record.pathname
+
+
+def make_manager(workdir: str, keep: int | None, async_save: bool = True, read_only: bool = False
+                 ) -> ocp.CheckpointManager:
+  """A manager keeping the newest `keep` steps; `read_only` (sampling, loading a base model beside a
+  running trainer) never creates, deletes or cleans anything."""
+  # Orbax logs a failure of its save threads with tracebacks, then raises it in this thread, where
+  # it becomes one line (save_failed, unreadable): the logged copies only bury that line.
+  absl_logger = logging.getLogger('absl')
+  if _not_an_orbax_error not in absl_logger.filters:
+    absl_logger.addFilter(_not_an_orbax_error)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                         cleanup_tmp_directories=not read_only,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=('state', 'data', 'meta'))
@@ -31,7 +48,50 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
+  try:  # also raises the failure of the previous async save, if it failed
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+  except Exception as e:
+    raise save_failed(manager, e) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Wait for the async save in flight to commit; a failed save is a UserError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise save_failed(manager, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """`wait`, then close the manager."""
+  try:
+    wait(manager)
+  finally:
+    manager.close()
+
+
+def save_failed(manager: ocp.CheckpointManager, e: Exception) -> UserError:
+  """One line: what failed, and that the committed checkpoints are untouched."""
+  cause = e
+  while cause.__cause__ is not None and not isinstance(cause, OSError):
+    cause = cause.__cause__
+  full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+  full = full or 'No space left on device' in str(e)
+  try:
+    manager.reload()
+    committed = manager.all_steps()
+  except Exception:  # the listing itself may fail on a broken file system
+    committed = []
+  kept = (f'the committed checkpoints ({", ".join(map(str, committed))}) are intact' if committed
+          else 'no checkpoint was committed yet')
+  what = 'the disk is full' if full else f'{type(e).__name__}: {_first_line(e)}'
+  return UserError(f'saving a checkpoint under {manager.directory} failed ({what}); {kept}; '
+                   'free space (or fix the folder) and rerun the same command to resume')
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def abstract_like(tree: Any) -> Any:
@@ -49,18 +109,26 @@ def restore(manager: ocp.CheckpointManager, step: int, like_state: Any,
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
-    out = manager.restore(step, args=ocp.args.Composite(**items))
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / 'state').tree
   except Exception as e:  # orbax raises many types; all mean the same thing to the user
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f'checkpoint {path} cannot be restored ({type(e).__name__}: {first[:200]}); '
-                    'delete that step folder to fall back to an older one, or use a fresh --workdir') from e
-  _check_structure(abstract_state, out['state'], path)
+    raise unreadable(path, e) from e
+  # before orbax restores: its shape error names no parameter
+  _check_structure(abstract_state, saved, path)
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:
+    raise unreadable(path, e) from e
   return out['state'], out['meta']
+
+
+def unreadable(path: str, e: Exception) -> UserError:
+  return UserError(f'checkpoint {path} cannot be restored ({type(e).__name__}: {_first_line(e)}); '
+                   'delete that step folder to fall back to an older one, or use a fresh --workdir')
 
 
 def latest_step(workdir: str) -> int | None:
   """The newest finished checkpoint step of `workdir`, or None before any (the manager is closed)."""
-  manager = make_manager(workdir, keep=None, async_save=False)  # read-only: never deletes
+  manager = make_manager(workdir, keep=None, async_save=False, read_only=True)
   try:
     return manager.latest_step()
   finally:
@@ -69,7 +137,7 @@ def latest_step(workdir: str) -> int | None:
 
 def restore_latest(workdir: str, like_state: Any) -> tuple[Any, dict]:
   """The newest finished checkpoint of `workdir` (state and metadata), for inference and sampling."""
-  manager = make_manager(workdir, keep=None, async_save=False)  # read-only: never deletes
+  manager = make_manager(workdir, keep=None, async_save=False, read_only=True)
   try:
     step = manager.latest_step()
     if step is None:
@@ -92,12 +160,27 @@ def latest_leaf_shape(workdir: str, path: tuple[str, ...]) -> tuple[int, ...]:
   return tuple(node.shape)
 
 
-def _check_structure(expected: Any, got: Any, path: str) -> None:
-  """A restore never silently uses random weights: keys and shapes must match exactly."""
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(got)}
-  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-  wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
-  if missing or extra or wrong:
-    raise UserError(f'checkpoint {path} does not match the model: missing {missing[:3]}, '
-                    f'unexpected {extra[:3]}, mis-shaped {wrong[:3]}; check config.model')
+def _check_structure(expected: Any, saved: Any, path: str) -> None:
+  """A restore never silently uses random weights: parameter names and shapes must match exactly."""
+  want, have = _shapes(expected), _shapes(saved)
+  params_first = lambda keys: sorted(keys, key=lambda k: (not k.startswith('params.'), k))
+  missing, extra = params_first(want.keys() - have.keys()), params_first(have.keys() - want.keys())
+  wrong = [f'{k} (checkpoint {have[k]}, model {want[k]})'
+           for k in params_first(want.keys() & have.keys()) if want[k] != have[k]]
+  parts = [f'{label} {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
+           for label, keys in (('mis-shaped', wrong), ('missing', missing), ('unexpected', extra)) if keys]
+  if parts:
+    raise UserError(f'checkpoint {path} was written by a different model ({"; ".join(parts)}); match '
+                    'config.model to the run that wrote it, or use a fresh --workdir')
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Leaf shape by dotted path ('params.embed.embedding', 'opt_state.1.0.mu....'): the same names
+  for the train state and for orbax's metadata of it (attributes there become dict keys)."""
+  def name(k: Any) -> str:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {'.'.join(map(name, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

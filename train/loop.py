@@ -164,7 +164,9 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
     print(f'resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}', flush=True)
 
   eval_step = make_eval_step(trainer, objective)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  # rows after the checkpoint are redone: drop them (and the final row, which a finished run rewrites)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
+                        resume_step=min(start, t.steps - 1))
   rng = jax.random.PRNGKey(cfg.seed + 1)
   preempt = _Preemption()
   last: dict[str, float] = {}
@@ -172,6 +174,9 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
              mininterval=1.0, disable=jax.process_index() != 0)
   pending = None  # (step, device metrics) of the step whose metrics are not yet on the host
   clock = time.perf_counter()
+
+  def is_eval(step: int) -> bool:  # the final step's eval is written after the loop
+    return bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and step != t.steps
 
   def flush() -> None:
     nonlocal pending, clock, tokens, flops, last
@@ -189,8 +194,8 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
     flops += tokens_per_step * flops_token
     last = {**m, 'tokens': tokens, 'flops': flops, 'step_time': dt,
             'tokens_per_sec': tokens_per_step / dt, 'mfu': tokens_per_step * flops_token / dt / peak}
-    if step % t.log_every == 0 and step != t.steps:  # the final step is written with its eval
-      writer.write(step, last)
+    if step % t.log_every == 0 and step != t.steps and not is_eval(step):
+      writer.write(step, last)  # eval steps (the final one too) are written once, with their eval
     bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
     bar.update(1)
 
@@ -209,11 +214,10 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
         trainer.state, metrics = train_step(trainer.state, batch, rng)
         flush()
         pending = (step, metrics)
-        is_eval = cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != t.steps
         is_ckpt = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if is_eval or is_ckpt or preempt.requested:
+        if is_eval(step) or is_ckpt or preempt.requested:
           flush()  # this step's loss is checked before anything is saved
-        if is_eval:
+        if is_eval(step):
           last.update(evaluate(trainer, eval_step, trainer.state.params, eval_batches, bytes_per_token))
           writer.write(step, last)
           bar.write(f'step {step}: eval_loss {last["eval_loss"]:.4f}')
@@ -221,7 +225,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
         if (is_ckpt or preempt.requested) and step != t.steps:
           save(step)
         if preempt.requested:
-          manager.wait_until_finished()
+          checkpoint.wait(manager)
           bar.write(f'SIGTERM: saved checkpoint at step {step}; rerun the same command to resume')
           return {**last, 'preempted': True}
       flush()
@@ -231,10 +235,11 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
       writer.write(t.steps, last)
   finally:
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
     preempt.restore()
+    try:
+      checkpoint.finish(manager)  # the last async save commits (or fails with one line) here
+    finally:
+      writer.close()
   return last
 
 

@@ -4,7 +4,6 @@ Mesh axes are ('data', 'fsdp', 'tensor'). Parameters and activations have separa
 so weights can be sharded over fsdp while activations shard the batch (ZeRO-3 style).
 """
 import contextlib
-import os
 from typing import Iterator
 
 import flax.linen as nn
@@ -15,6 +14,7 @@ from ml_collections import ConfigDict
 
 from model.config import ModelConfig
 from model.errors import UserError
+from train.launch import launched_multiprocess
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -57,11 +57,7 @@ def maybe_initialize_distributed(m: ConfigDict) -> None:
   if m.coordinator:
     jax.distributed.initialize(m.coordinator, num_processes=m.num_processes or None,
                                process_id=None if m.process_id < 0 else m.process_id)
-    return
-  env = os.environ
-  multi = (env.get('JAX_COORDINATOR_ADDRESS') or int(env.get('SLURM_NTASKS', '1')) > 1
-           or ',' in env.get('TPU_WORKER_HOSTNAMES', '') or int(env.get('MEGASCALE_NUM_SLICES', '1')) > 1)
-  if multi:
+  elif launched_multiprocess(m):
     jax.distributed.initialize()
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
+from train.workdir import write_text_atomic, write_json_atomic
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
 PEAK_FLOPS = {
@@ -91,46 +92,66 @@ def device_peak_flops(remeasure: bool = False) -> float:
   if key not in cache or remeasure:
     cache[key] = max(cache.get(key, 0.0), measure_matmul_peak())
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(cache, f)
+    write_json_atomic(path, cache)  # concurrent runs each write a whole file
   # Simulated CPU devices share the same cores: the per-device peak is the machine peak divided.
   return cache[key] / jax.device_count()
 
 
-def write_summary(workdir: str, name: str, data: Any, **json_options: Any) -> str:
-  """`data` as JSON in workdir/name (indent 2 unless `json_options` say otherwise), written by
-  process 0 only and atomically (a temporary file renamed over it), so hosts never race and a
-  reader never sees half a file. Returns the path."""
-  path = os.path.join(workdir, name)
-  if jax.process_index() == 0:
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      json.dump(data, f, **{'indent': 2, **json_options})
-    os.replace(path + '.tmp', path)
-  return path
-
-
 class MetricWriter:
-  """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Each row is one `write` of a whole line on an O_APPEND descriptor, so a crash leaves whole rows.
+  A run resumed from step k (`resume_step`) first drops the rows after k, which the steps it is
+  about to redo would otherwise duplicate; TensorBoard purges those steps the same way.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    path = os.path.join(workdir, 'metrics.jsonl')
+    keep_rows_through(path, resume_step)
+    self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    purge = None if resume_step is None else resume_step + 1
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
     clean = {k: (v.item() if isinstance(v, (np.generic, np.ndarray)) else v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({'step': step, **clean}) + '\n')
-    self._jsonl.flush()
+    line = (json.dumps({'step': step, **clean}) + '\n').encode()
+    if os.write(self._fd, line) != len(line):  # a short write only happens when the disk is full
+      raise OSError(28, f'metrics.jsonl: short write at step {step} (disk full?)')
     for k, v in clean.items():
       if isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
+    if not self.enabled:
+      return
+    os.close(self._fd)
+    try:
       self._tb.close()
+    except OSError:  # disk full: the mirror loses its tail (metrics.jsonl is the record) ...
+      for writer in (self._tb.all_writers or {}).values():
+        writer.event_writer._closed = True  # ... and tensorboardX's atexit hook must not retry
+
+
+def keep_rows_through(path: str, last_step: int | None) -> None:
+  """Rewrite `path` (atomically) without the rows after `last_step` (None: keep every step) and
+  without a line cut short by a crash; untouched when nothing would change."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    text = f.read()
+  kept = []
+  for line in text.splitlines(keepends=True):
+    try:
+      row = json.loads(line) if line.endswith('\n') else None
+    except ValueError:
+      row = None
+    if isinstance(row, dict) and (last_step is None or row.get('step', 0) <= last_step):
+      kept.append(line)
+  if ''.join(kept) != text:
+    write_text_atomic(path, ''.join(kept))

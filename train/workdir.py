@@ -1,56 +1,126 @@
-"""The run-folder contract: what run.py leaves in a workdir and how a later stage reopens it.
+"""The run-folder contract: a workdir is one run's record, with one writer at a time and files
+that are whole or absent.
 
-  WORKDIR/config.json     the whole resolved config (written once, by process 0, atomically)
+  WORKDIR/.lock           held by the running stage (see WorkdirLock)
+  WORKDIR/config.json     the whole resolved config, written once by process 0
   WORKDIR/tokenizer/      the run's tokenizer (data/tokenizer.py), for runs trained from scratch
   WORKDIR/checkpoints/    orbax steps (train/checkpoint.py)
+  WORKDIR/metrics.jsonl   one row per logged step (train/metrics.py)
+  WORKDIR/*.json          stage summaries (write_summary), written atomically by process 0
 
-`load_workdir` is how `model.load_pretrained` opens a workdir: it plugs in through the
-`lmlab.loaders` entry point (pyproject.toml), because reopening a run needs tokenizers and
-checkpoints, which sit above model/.
+The lock is an OS-level `flock` on WORKDIR/.lock held through an open descriptor, so it dies with
+the process: a SIGKILLed run never leaves a stale lock, and the next run takes it at once. This
+module stays light (no JAX at import), so run.py takes the lock before JAX starts; reopening a
+workdir as a model is train/reopen.py.
 """
-import functools
+import datetime
+import fcntl
 import json
 import os
-from typing import Any, Callable
+import socket
+import sys
+import tempfile
+from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from data.tokenizer import load_tokenizer
-from model.config import model_config, with_lora
 from model.errors import UserError
 from model.jsonio import read_json
-from model.heads import build_classifier, build_scalar_model
-from model.lora import merged_params
-from model.pretrained import LoadedModel, load_pretrained
-from model.transformer import build_model
-from train import checkpoint
-from train.state import TrainState, make_optimizer
 
+LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'
 # Stages whose workdir holds a model trained from scratch (its own tokenizer/); the other stages
 # fine-tune `config.pretrained` and reopen on top of it.
 FROM_SCRATCH = ('pretrain', 'sample', 'chat', 'sweep', 'scaling')
 
 
-def tokenizer_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'tokenizer')
+class WorkdirLock:
+  """An exclusive lock on a workdir for the life of this process (or until `release`).
+
+  The lock file holds the holder's pid, host, start time and command, so a refused run can name
+  it. On NFS, Linux emulates flock with POSIX locks, which work across hosts. An object-store
+  workdir (gs://...) has no locks: it is not locked.
+  """
+
+  def __init__(self, workdir: str):
+    self._fd = -1
+    if '://' in workdir:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _describe(self._read())
+      os.close(self._fd)
+      raise UserError(f'workdir {workdir} is in use by {holder}; wait for that run to finish, or '
+                      'use another --workdir') from None
+    holder = {'pid': os.getpid(), 'host': socket.gethostname(),
+              'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+              'command': ' '.join(sys.argv)}
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, (json.dumps(holder) + '\n').encode(), 0)
+
+  def _read(self) -> str:
+    return os.pread(self._fd, 4096, 0).decode(errors='replace')
+
+  def release(self) -> None:
+    if self._fd >= 0:
+      os.close(self._fd)  # closing the descriptor drops the lock
+      self._fd = -1
+
+  def __enter__(self) -> 'WorkdirLock':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.release()
 
 
-def write_json(path: str, data: Any) -> None:
-  """Write-then-rename, so a crash never leaves half a JSON file for a reader."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def _describe(text: str) -> str:
+  """'pid 123 on host h since T (python run.py ...)', or a fallback while the holder is writing it."""
+  try:
+    h = json.loads(text)
+    return f'pid {h["pid"]} on host {h["host"]} since {h["started"]} ({h["command"][:120]})'
+  except (ValueError, KeyError, TypeError):
+    return 'another process (it is starting up)'
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Write `text` to a temporary file beside `path`, fsync it and rename it over `path`: a reader
+  (or a crash) sees the old file or the new one, never half of it."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_json_atomic(path: str, obj: Any, **dump_kwargs: Any) -> None:
+  """`obj` as a JSON file, written whole or not at all (see `write_text_atomic`)."""
+  write_text_atomic(path, json.dumps(obj, **dump_kwargs))
+
+
+def write_summary(workdir: str, name: str, data: Any, **json_options: Any) -> str:
+  """`data` as JSON in workdir/name (indent 2 unless `json_options` say otherwise), written by
+  process 0 only and atomically, so hosts never race and a reader never sees half a file.
+  Returns the path."""
+  import jax  # only the process index: importing this module must not need JAX
+  path = os.path.join(workdir, name)
+  if jax.process_index() == 0:
+    write_json_atomic(path, data, **{'indent': 2, **json_options})
+  return path
 
 
 def write_config(workdir: str, cfg: ConfigDict) -> None:
-  """The run's resolved config, on process 0 only: every result traces back to its config."""
-  if jax.process_index() == 0:
-    write_json(os.path.join(workdir, CONFIG_FILE), cfg.to_dict())
+  """The run's resolved config: every result traces back to its config."""
+  write_summary(workdir, CONFIG_FILE, cfg.to_dict(), sort_keys=True)
 
 
 def read_config(workdir: str) -> ConfigDict:
@@ -58,71 +128,9 @@ def read_config(workdir: str) -> ConfigDict:
   return ConfigDict(read_json(os.path.join(workdir, CONFIG_FILE), 'pass a workdir written by run.py'))
 
 
+def tokenizer_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'tokenizer')
+
+
 def is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, 'checkpoints'))
-
-
-def load_workdir(workdir: str) -> LoadedModel | None:
-  """Config, latest-checkpoint params, tokenizer and model builder of a run trained by this
-  project, or None when `workdir` is not one (the `lmlab.loaders` entry point).
-
-  A run that fine-tuned another model (`config.pretrained` set: stage sft, reward, ...) takes its
-  architecture and tokenizer from that base; a LoRA run's checkpoint holds only the adapters (and
-  its new heads), which are merged into the base weights here. A reward model or a classifier
-  reopens with its head (`build` says which module the params belong to).
-  """
-  if not is_workdir(workdir):
-    return None
-  cfg = read_config(workdir)
-  try:
-    return _load(workdir, cfg)
-  except (AttributeError, KeyError) as e:  # a config.json from an older version lacks a field
-    raise UserError(f'{os.path.join(workdir, CONFIG_FILE)} lacks config field {e}; it was written by '
-                    'an older version: add the field or retrain') from None
-
-
-def _load(workdir: str, cfg: ConfigDict) -> LoadedModel:
-  base = None
-  if cfg.get('pretrained') and cfg.stage not in FROM_SCRATCH:
-    if os.path.abspath(cfg.pretrained) == os.path.abspath(workdir):
-      raise UserError(f'{workdir}/{CONFIG_FILE} names its own workdir as config.pretrained; point '
-                      'it at the base')
-    base = load_pretrained(cfg.pretrained)
-    mcfg, tokenizer = base.config, base.tokenizer
-  else:
-    tokenizer = load_tokenizer(tokenizer_dir(workdir))
-    mcfg = model_config(cfg.model, tokenizer.vocab_size, cfg.train.seq_len)
-  head, build = head_of(workdir, cfg)
-  lora_cfg = with_lora(mcfg, cfg.lora) if 'lora' in cfg else mcfg
-  model, tx = build(lora_cfg), make_optimizer(cfg.train)
-  heads = (head,) if head and lora_cfg.lora_rank else ()
-
-  def init_state() -> TrainState:
-    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    params = variables['params']
-    if lora_cfg.lora_rank:
-      params = {**variables['lora'], **{k: params[k] for k in heads}}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(init_state))
-  state, _ = checkpoint.restore_latest(workdir, abstract)
-  params = state.params
-  if lora_cfg.lora_rank:
-    adapters = {k: v for k, v in params.items() if k not in heads}
-    params = {**merged_params({'params': base.params, 'lora': adapters}, lora_cfg),
-              **{k: params[k] for k in heads}}
-    if head:  # the base's untied LM head is not part of a scalar or classifier model
-      params = {k: v for k, v in params.items() if k != 'lm_head'}
-  return LoadedModel(mcfg, params, tokenizer, build)
-
-
-def head_of(workdir: str, cfg: ConfigDict) -> tuple[str, Callable[..., nn.Module]]:
-  """The new head a stage put on its base ('' for a language model) and the module to build."""
-  if cfg.stage == 'reward':
-    return 'score_head', build_scalar_model
-  if cfg.stage == 'sft' and str(cfg.sft.train).startswith('classify:'):
-    kernel = checkpoint.latest_leaf_shape(workdir, ('params', 'class_head', 'kernel'))
-    return 'class_head', functools.partial(build_classifier, n_classes=kernel[-1], pool=cfg.sft.pool)
-  return '', build_model

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from model.errors import UserError
-from train.metrics import write_summary
+from train.workdir import write_summary
 
 Overrides = dict[str, Any]              # dotted config key -> value
 Sampler = Callable[[np.random.Generator], Any]

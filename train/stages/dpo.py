@@ -18,7 +18,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from train.mesh import global_batch, mesh_rules
-from train.metrics import write_summary
+from train.workdir import write_summary
 from train.rl.preference import dpo_loss, response_logprobs
 from train.stages.pairs import gold_accuracy, load_pair_data, over_pairs, train_on_pairs
 from train.stages.rollouts import EVAL_KEY, PromptSource, reference_variables, sample_report

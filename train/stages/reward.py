@@ -24,13 +24,12 @@ from model.jsonio import read_json
 from model.pretrained import Pretrained
 from train import checkpoint
 from train.mesh import mesh_rules
-from train.metrics import write_summary
 from train.rl.preference import normalize_scores, reward_model_loss, score_stats
 from train.stages.pairs import gold_accuracy, load_pair_data, over_pairs, per_host_batch, train_on_pairs
 from train.stages.rollouts import STATS_KEY, PromptSource, rollout_rows, sample
 from train.stages.sft import load_base
 from train.trainer import Trainer, init_trainer
-from train.workdir import read_config
+from train.workdir import read_config, write_summary
 
 STATS_FILE = 'reward_stats.json'
 SUMMARY_FILE = 'reward_summary.json'

@@ -31,7 +31,8 @@ from train import checkpoint
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
 from train.loop import make_train_step
 from train.mesh import global_batch, mesh_rules
-from train.metrics import MetricWriter, write_summary
+from train.metrics import MetricWriter
+from train.workdir import write_summary
 from train.rl.ppo import ends_with
 from train.rl.core import KL_ESTIMATORS, AdaptiveKL, FixedKL, kl_k1
 from train.stages.rl_variants import VARIANTS, Variant

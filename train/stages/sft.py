@@ -37,7 +37,7 @@ from model.transformer import build_model
 from train import checkpoint
 from train.loop import evaluate, make_eval_step, run_training
 from train.mesh import mesh_rules
-from train.metrics import write_summary
+from train.workdir import write_summary
 from train.objectives import LossFn, causal_lm_loss, classification_loss, objective_for
 from train.trainer import Trainer, inference_params, init_trainer
 

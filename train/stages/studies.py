@@ -20,7 +20,7 @@ from data.sources import load_source
 from data.tokenizer import build_tokenizer
 from experiments.studies import sweep
 from model.errors import UserError
-from train.metrics import write_summary
+from train.workdir import write_summary
 
 NOT_INHERITED = ('stage', 'sweep.', 'scaling.')  # sweep-level settings trials do not receive
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scipy', 'matplotlib', 'ml-collections', 'grain')
