@@ -22,6 +22,7 @@ from train.dpo_stage import dpo_stage
 from train.ppo_stage import grpo_stage, ppo_stage
 from train.reward_stage import reward_stage
 from train.sft import sft_stage
+from train.tokenize_stage import tokenize_stage
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -100,4 +101,5 @@ STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'dpo': dpo_stage,
     'sweep': sweep_stage,
     'scaling': scaling_stage,
+    'tokenize': tokenize_stage,
 }
