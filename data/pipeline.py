@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from data import sources
+from data import sources, stream
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
 from model.errors import UserError
 
@@ -269,10 +269,13 @@ class Dataset:
 
 
 def build_dataset(cfg_data: ConfigDict, seed: int, tokenizer_dir: str | None = None,
-                  process_index: int = 0, process_count: int = 1) -> Dataset:
+                  process_index: int = 0, process_count: int = 1) -> Dataset | stream.StoreDataset:
   """Loads the source, gets the tokenizer (the saved one in tokenizer_dir if present, else builds
-  it on the train documents and saves it there) and tokenizes both splits."""
+  it on the train documents and saves it there) and tokenizes both splits. A token store
+  (tokens:/mixture:) is streamed instead (data/stream.py): nothing but its manifest is read here."""
   check_launch(seed, process_index, process_count)
+  if stream.is_store_source(cfg_data.source):
+    return stream.build_store_dataset(cfg_data, seed, tokenizer_dir, process_index, process_count)
   source = sources.load_source(cfg_data)
   tokenizer = run_tokenizer(cfg_data.tokenizer, source.train_docs, tokenizer_dir, process_index)
   dataset = tokenized_dataset(source, tokenizer, seed, process_index, process_count)
