@@ -233,6 +233,7 @@ def build_store(cfg_data: ConfigDict, store: str) -> dict:
   start = time.time()
   plan = blocks_lib.plan_source(cfg_data.source, cfg_data.eval_fraction, cfg_data.decode_errors,
                                 int(s.block_mb * MB), cfg_data.data_dir)
+  planned = time.time()
   os.makedirs(store, exist_ok=True)
   tokenizer = store_tokenizer(cfg_data, store, plan)
   with open(os.path.join(store, BUILD_FILE), 'w', encoding='utf-8') as f:
@@ -240,11 +241,13 @@ def build_store(cfg_data: ConfigDict, store: str) -> dict:
   units = plan_units(plan, s.shard_mb * MB)
   n_bytes = sum(b.nbytes for split in plan.blocks.values() for b in split)
   print(f'tokenize: {n_bytes / MB:.1f} MB of text in {sum(map(len, plan.blocks.values()))} blocks -> '
-        f'{len(units)} shards; tokenizer {tokenizer.spec} (vocab {tokenizer.vocab_size}) ready after '
-        f'{time.time() - start:.1f}s', flush=True)
+        f'{len(units)} shards; planned in {planned - start:.1f}s, tokenizer {tokenizer.spec} (vocab '
+        f'{tokenizer.vocab_size}) ready in {time.time() - planned:.1f}s', flush=True)
+  began = time.time()
   run_pipeline(units, store, cfg_data, plan.sources, config)
   manifest = store_lib.read_manifest(store)
   seconds = time.time() - start
+  print(f'tokenize: pipeline ran in {time.time() - began:.1f}s', flush=True)
   for split, entry in manifest['splits'].items():
     print(f"tokenize: {split}: {entry['documents']} documents, {entry['records']} records, "
           f"{entry['tokens']} tokens in {len(entry['shards'])} shards", flush=True)

@@ -1,0 +1,173 @@
+"""Data throughput: the tokenize stage (MB/s of text, tokens/s, peak RSS of the whole process tree,
+Beam's workers included) next to a single-process Python loop doing the same work.
+
+  python benchmarks/data_throughput.py --part=tokenize --mb=100 --tokenizers=byte,spm_bpe:8000
+
+The corpus is generated in a temporary folder (shuffled lines of tinyshakespeare plus random words,
+files of --file_mb) and never kept unless --workdir is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare.txt')
+MB = 1 << 20
+
+
+def make_corpus(folder: str, mb: float, file_mb: float, seed: int = 0) -> str:
+  """Files of shuffled Shakespeare lines, a random made-up word after one line in three; the glob."""
+  rng = np.random.default_rng(seed)
+  with open(SHAKESPEARE, encoding='utf-8') as f:
+    lines = np.array([line for line in f.read().split('\n') if line.strip()], dtype=object)
+  letters = np.array(list('abcdefghijklmnopqrstuvwxyz'))
+  words = np.array([''.join(rng.choice(letters, rng.integers(3, 10))) for _ in range(50_000)], dtype=object)
+  os.makedirs(folder, exist_ok=True)
+  remaining, index = int(mb * MB), 0
+  while remaining > 0:
+    size = min(remaining, int(file_mb * MB))
+    with open(os.path.join(folder, f'corpus-{index:04d}.txt'), 'w', encoding='utf-8') as f:
+      written = 0
+      while written < size:
+        picked = lines[rng.integers(0, len(lines), 20_000)]
+        extra = np.where(rng.random(len(picked)) < 1 / 3, ' ' + words[rng.integers(0, len(words), len(picked))], '')
+        text = '\n'.join(picked + extra) + '\n'
+        text = text[:size - written]
+        f.write(text)
+        written += len(text)
+    remaining -= size
+    index += 1
+  return os.path.join(folder, '*.txt')
+
+
+def run_measured(cmd: list[str]) -> tuple[str, float, float]:
+  """(output, wall seconds, peak RSS in MB of the process and all its descendants together)."""
+  start = time.time()
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, 'PYTHONPATH': ROOT})
+  peak = 0.0
+  out_path = tempfile.mktemp()
+  with open(out_path, 'w') as out:
+    import threading
+    pump = threading.Thread(target=lambda: shutil.copyfileobj(proc.stdout, out))
+    pump.start()
+    while proc.poll() is None:
+      peak = max(peak, tree_rss_mb(proc.pid))
+      time.sleep(0.2)
+    pump.join()
+  with open(out_path) as f:
+    output = f.read()
+  os.remove(out_path)
+  if proc.returncode:
+    sys.exit(f'{" ".join(cmd)} failed:\n{output[-3000:]}')
+  return output, time.time() - start, peak
+
+
+def tree_rss_mb(pid: int) -> float:
+  """Resident memory of pid and its descendants, summed (read from /proc)."""
+  children: dict[int, list[int]] = {}
+  rss: dict[int, int] = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/status') as f:
+        status = f.read()
+    except OSError:
+      continue
+    ppid = int(re.search(r'PPid:\s+(\d+)', status).group(1))
+    found = re.search(r'VmRSS:\s+(\d+) kB', status)
+    children.setdefault(ppid, []).append(int(entry))
+    rss[int(entry)] = int(found.group(1)) if found else 0
+  total, todo = 0, [pid]
+  while todo:
+    p = todo.pop()
+    total += rss.get(p, 0)
+    todo += children.get(p, [])
+  return total / 1024
+
+
+BASELINE = '''
+import json, sys, time
+from ml_collections import ConfigDict
+from data import blocks, store
+from data.tokenize_beam import plan_units, _records
+from data.tokenizer import load_tokenizer
+source, store_dir, out = sys.argv[1:4]
+start = time.time()
+plan = blocks.plan_source(source, 0.1, 'strict', 4 * (1 << 20))
+tokenizer = load_tokenizer(store_dir + '/tokenizer')
+planned = time.time()
+tokens = 0
+with store.ShardWriter(out, 'all', 0, 1) as writer:
+  for unit in plan_units(plan, 64 * (1 << 20)):
+    for ids, starts in _records(tokenizer, unit.blocks, 65536, 'strict', ''):
+      writer.write(ids, starts)
+  counts = writer.close()
+print(json.dumps({'plan_s': planned - start, 'loop_s': time.time() - planned, 'tokens': counts['tokens']}))
+'''
+
+
+def tokenize_part(args, folder: str) -> None:
+  glob = make_corpus(os.path.join(folder, 'corpus'), args.mb, args.file_mb)
+  n_bytes = sum(os.path.getsize(os.path.join(folder, 'corpus', f)) for f in os.listdir(os.path.join(folder, 'corpus')))
+  print(f'corpus: {n_bytes / MB:.0f} MB in {len(os.listdir(os.path.join(folder, "corpus")))} files; '
+        f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}', flush=True)
+  for spec in args.tokenizers.split(','):
+    store = os.path.join(folder, 'store-' + spec.replace(':', '-'))
+    cmd = [sys.executable, 'run.py', '--config=experiments/tokenize.py', f'--workdir={store}',
+           f'--config.data.source=text:{glob}', f'--config.data.tokenizer={spec}']
+    if args.workers:
+      cmd.append(f'--config.data.store.workers={args.workers}')
+    output, wall, peak = run_measured(cmd)
+    timing = dict(re.findall(r'(planned|ready) in ([\d.]+)s', output))
+    pipeline_s = float(re.search(r'pipeline ran in ([\d.]+)s', output).group(1))
+    tokens = sum(v['tokens'] for v in json.load(open(os.path.join(store, 'manifest.json')))['splits'].values())
+    stage_s = wall - float(timing['ready'])  # tokenizer training is reported apart, as the loop never trains
+    base_out, base_wall, base_peak = run_measured([sys.executable, '-c', BASELINE, f'text:{glob}', store,
+                                                   os.path.join(folder, 'baseline')])
+    base = json.loads(base_out.strip().splitlines()[-1])
+    base_s = base['plan_s'] + base['loop_s']
+    assert base['tokens'] == tokens, (base['tokens'], tokens)
+    print(f"tokenize {spec}: stage {wall:.1f}s wall (tokenizer {float(timing['ready']):.1f}s, "
+          f"plan {float(timing['planned']):.1f}s, Beam pipeline {pipeline_s:.1f}s); without tokenizer training "
+          f"{stage_s:.1f}s = {n_bytes / MB / stage_s:.2f} MB/s, {tokens / stage_s / 1e6:.2f} M tokens/s; "
+          f"peak RSS (process tree) {peak:.0f} MB", flush=True)
+    print(f"  single-process loop: {base_s:.1f}s (plan {base['plan_s']:.1f}s, loop {base['loop_s']:.1f}s) = "
+          f"{n_bytes / MB / base_s:.2f} MB/s, {tokens / base_s / 1e6:.2f} M tokens/s; peak RSS {base_peak:.0f} MB; "
+          f"speed-up {base_s / stage_s:.2f}x (load average now {os.getloadavg()[0]:.1f})", flush=True)
+    shutil.rmtree(os.path.join(folder, 'baseline'), ignore_errors=True)
+  print(f'children max RSS (largest single process): {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB')
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--part', choices=('tokenize', 'load', 'all'), default='all')
+  parser.add_argument('--mb', type=float, default=100, help='corpus size in MB')
+  parser.add_argument('--file_mb', type=float, default=100, help='size of each corpus file')
+  parser.add_argument('--tokenizers', default='byte,spm_bpe:8000')
+  parser.add_argument('--workers', type=int, default=0, help='Beam local workers (0 = one per core)')
+  parser.add_argument('--workdir', default='', help='keep the corpus and stores here (default: a temp dir)')
+  args = parser.parse_args()
+  folder = args.workdir or tempfile.mkdtemp(prefix='data_throughput_')
+  try:
+    if args.part in ('tokenize', 'all'):
+      tokenize_part(args, folder)
+  finally:
+    if not args.workdir:
+      shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
