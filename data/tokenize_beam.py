@@ -34,18 +34,20 @@ import os
 import re
 import shlex
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from ml_collections import ConfigDict
+from sentencepiece import sentencepiece_model_pb2
 
 from data import blocks as blocks_lib
 from data import store as store_lib
-from data.tokenizer import SPECS, Tokenizer, build_tokenizer, load_tokenizer
+from data.tokenizer import SPECS, SentencePieceTokenizer, Tokenizer, build_tokenizer, load_tokenizer
 from model.errors import UserError
 
 BUILD_FILE = '.build.json'  # the data config a partial build was started with (checked on re-run)
 MB = 1 << 20
+SPM_PIECE = 4096  # characters SentencePiece encodes at once (see _line_pieces_encoder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +93,13 @@ def _records(tokenizer: Tokenizer, blocks: Iterable[blocks_lib.Block], chunk_tok
   """(record, starts a document) for the blocks' documents, framed and chunked as write_store does;
   a document cut by the shard's end is flushed unclosed (the next shard holds the rest)."""
   bos, eos = store_lib.frame(tokenizer)
+  encode = _line_pieces_encoder(tokenizer)
   carry, starts = np.zeros(0, np.int32), False
   for block in blocks:
     for text, opens, closes in blocks_lib.read_block(block, errors, data_dir):
       if opens:
         carry, starts = bos, True
-      carry = np.concatenate([carry, tokenizer.encode_array(text)] + ([eos] if closes else []))
+      carry = np.concatenate([carry, encode(text)] + ([eos] if closes else []))
       full = len(carry) if closes else len(carry) // chunk_tokens * chunk_tokens
       for start in range(0, full, chunk_tokens):
         yield carry[start:start + chunk_tokens], starts
@@ -104,6 +107,28 @@ def _records(tokenizer: Tokenizer, blocks: Iterable[blocks_lib.Block], chunk_tok
       carry = carry[full:]
   if len(carry):
     yield carry, starts
+
+
+def _line_pieces_encoder(tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
+  """encode_array, by pieces of about SPM_PIECE characters cut after a newline for SentencePiece
+  models that keep '\\n' a piece of its own (those trained here): the same ids, but SentencePiece's
+  cost grows faster than the length of one input (4 MB at once is ~3x slower than 4 KB pieces)."""
+  if not isinstance(tokenizer, SentencePieceTokenizer):
+    return tokenizer.encode_array
+  pieces = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.model_proto).pieces
+  user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+  if not any(p.piece == '\n' and p.type == user_defined for p in pieces):
+    return tokenizer.encode_array
+
+  def encode(text: str) -> np.ndarray:
+    parts, start = [], 0
+    while start < len(text):
+      cut = text.find('\n', start + SPM_PIECE)
+      end = len(text) if cut < 0 else cut + 1
+      parts.append(tokenizer.encode_array(text[start:end]))
+      start = end
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+  return encode
 
 
 def finish_store(counts: list[dict], store: str, chunk_tokens: int, sources: list[dict], data_config: dict) -> None:
