@@ -45,7 +45,7 @@ from data import store as store_lib
 from data.tokenizer import SPECS, SentencePieceTokenizer, Tokenizer, build_tokenizer, load_tokenizer
 from model.errors import UserError
 
-BUILD_FILE = '.build.json'  # the data config a partial build was started with (checked on re-run)
+BUILD_FILE = '.build.json'  # data config and sources a partial build started from (checked on re-run)
 MB = 1 << 20
 SPM_PIECE = 4096  # characters SentencePiece encodes at once (see _line_pieces_encoder)
 
@@ -203,7 +203,7 @@ def check_existing(store: str, config: dict) -> dict | None:
   elif os.path.exists(os.path.join(store, BUILD_FILE)):
     manifest = None
     with open(os.path.join(store, BUILD_FILE), encoding='utf-8') as f:
-      built = json.load(f)
+      built = json.load(f)['data_config']
   else:
     return None
   if built.get('tokenizer') != config['tokenizer']:
@@ -222,13 +222,29 @@ def check_existing(store: str, config: dict) -> dict | None:
   return manifest
 
 
+def check_sources(store: str, found: list[dict]) -> None:
+  """A partial build resumes only on the same source files (its kept shards came from them)."""
+  path = os.path.join(store, BUILD_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    before = json.load(f)['sources']
+  if before != found:
+    raise UserError(f"the source files changed since the unfinished build in {store} began; delete {store} "
+                    "to rebuild it, or restore the files")
+
+
 def store_tokenizer(cfg_data: ConfigDict, store: str, plan: blocks_lib.Plan) -> Tokenizer:
   """The store's tokenizer: the one a previous run saved, else built (trained on a bounded sample
   of train blocks, or on all of them streamed for the char alphabet) and saved."""
   directory = os.path.join(store, store_lib.TOKENIZER_DIR)
-  if os.path.exists(os.path.join(directory, 'tokenizer.json')):
-    return load_tokenizer(directory)
   spec, s = cfg_data.tokenizer, cfg_data.store
+  if os.path.exists(os.path.join(directory, 'tokenizer.json')):
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.spec != spec:
+      raise UserError(f"{directory} holds tokenizer {tokenizer.spec!r}, not {spec!r}; use another --workdir, "
+                      f"or delete {store} to rebuild it")
+    return tokenizer
   train = plan.blocks['train']
   if spec.startswith(('spm_bpe:', 'spm_unigram:')):
     budget, total = s.tokenizer_sample_mb * MB, sum(b.nbytes for b in train)
@@ -244,6 +260,7 @@ def store_tokenizer(cfg_data: ConfigDict, store: str, plan: blocks_lib.Plan) -> 
 
 def build_store(cfg_data: ConfigDict, store: str) -> dict:
   """Tokenizes cfg_data.source into the token store `store`; returns its manifest."""
+  store = os.path.abspath(store)  # Beam's workers may run elsewhere
   config = store_data_config(cfg_data)
   existing = check_existing(store, config)
   if existing is not None:
@@ -259,10 +276,11 @@ def build_store(cfg_data: ConfigDict, store: str) -> dict:
   plan = blocks_lib.plan_source(cfg_data.source, cfg_data.eval_fraction, cfg_data.decode_errors,
                                 int(s.block_mb * MB), cfg_data.data_dir)
   planned = time.time()
+  check_sources(store, plan.sources)
   os.makedirs(store, exist_ok=True)
-  tokenizer = store_tokenizer(cfg_data, store, plan)
   with open(os.path.join(store, BUILD_FILE), 'w', encoding='utf-8') as f:
-    json.dump(config, f, indent=1)
+    json.dump({'data_config': config, 'sources': plan.sources}, f, indent=1)
+  tokenizer = store_tokenizer(cfg_data, store, plan)
   units = plan_units(plan, s.shard_mb * MB)
   n_bytes = sum(b.nbytes for split in plan.blocks.values() for b in split)
   print(f'tokenize: {n_bytes / MB:.1f} MB of text in {sum(map(len, plan.blocks.values()))} blocks -> '

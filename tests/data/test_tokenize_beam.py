@@ -74,6 +74,7 @@ def test_beam_store_matches_write_store_and_tokenize_docs_then_reruns_keep_shard
   os.remove(os.path.join(root, 'manifest.json'))
   with open(os.path.join(root, 'train', '.shard-00001-junk.tmp-dead'), 'wb') as f:
     f.write(b'half a shard')  # what a killed worker leaves: hidden, never read
+  cfg.store.beam_options = '--direct_running_mode=in_memory'  # how the job runs is not part of the store
   again = build_store(cfg, root)
   assert {k: v for k, v in again.items() if k != 'versions'} == {k: v for k, v in manifest.items() if k != 'versions'}
   for p in paths:
@@ -85,6 +86,11 @@ def test_beam_store_matches_write_store_and_tokenize_docs_then_reruns_keep_shard
     build_store(data_cfg(f'text:{pattern}', 'byte'), root)
   with pytest.raises(UserError, match=r'built with other data settings \(eval_fraction\)'):
     build_store(set_field(data_cfg(f'text:{pattern}'), 'eval_fraction', 0.2), root)
+  os.remove(os.path.join(root, 'manifest.json'))  # unfinished again, and a source file changes
+  with open(glob_files(pattern)[0], 'a', encoding='utf-8') as f:
+    f.write('one more line\n')
+  with pytest.raises(UserError, match='the source files changed since the unfinished build'):
+    build_store(cfg, root)
 
 
 def glob_files(pattern):
@@ -176,5 +182,6 @@ def set_field(cfg, key, value):
 def test_a_worker_error_comes_back_as_one_line(tmp_path):
   (tmp_path / 'a.jsonl').write_text('{"text": "fine"}\n' * 30 + '{"text": 3}\n')
   with pytest.raises(UserError, match=r"a.jsonl \(line 31 of the block at byte 0\) has no string field 'text'"):
-    build_store(data_cfg(f'jsonl:{tmp_path}/a.jsonl:text', 'byte', block_mb=1), str(tmp_path / 'store'))
+    build_store(data_cfg(f'jsonl:{tmp_path}/a.jsonl:text', 'byte', block_mb=1, workers=1,
+                         beam_options='--direct_running_mode=in_memory'), str(tmp_path / 'store'))
   assert not os.path.exists(tmp_path / 'store' / 'manifest.json')
