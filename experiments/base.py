@@ -61,7 +61,7 @@ def get_config() -> ConfigDict:
   o = d.store = ConfigDict()      # stage=tokenize: the token store it writes (data/store.py, data/tokenize_beam.py)
   o.chunk_tokens = 65536          # longest record; longer documents become consecutive records
   o.block_mb = 4.0                # text a worker reads and tokenizes at once: bounds its memory
-  o.shard_mb = 64.0               # text per shard (each split has at least one)
+  o.shard_mb = 16.0               # text per shard (each split has at least one; more shards than workers balance them)
   o.tokenizer_sample_mb = 64.0    # spm_bpe/spm_unigram: train text sampled (evenly spaced blocks) before input_sentence_size
   o.workers = 0                   # local runner's worker processes (0 = one per core)
   o.beam_options = ''             # Beam pipeline options, e.g. '--runner=DataflowRunner --project=P ...' (cluster runs)
