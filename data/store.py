@@ -30,8 +30,9 @@ manifest.json:
 
 A shard is written under a hidden temporary name (`.shard-...array_record.tmp-<uuid>`) and renamed
 when closed, so a crash never leaves a half-written shard visible. Builders that resume (the Beam
-stage, data/tokenize_beam.py) keep finished shards and rewrite only missing ones; the manifest
-comes last. `write_store` is the small in-process writer (no Beam) for tests and small studies.
+stage, data/tokenize_beam.py) keep finished shards and rewrite only missing ones (a hidden
+`.build.json` holds the data config and source hashes an unfinished build started from, so only the
+same build resumes); the manifest comes last. `write_store` is the small in-process writer (no Beam) for tests and small studies.
 """
 from __future__ import annotations
 
