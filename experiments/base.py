@@ -53,6 +53,7 @@ def get_config() -> ConfigDict:
   # ---- data ----------------------------------------------------------------------------------
   d = c.data = ConfigDict()
   d.source = 'synthetic'          # synthetic | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[:FIELD]
+                                  # pretrain also: tokens:STORE | mixture:STORE1=W1,STORE2=W2 (token stores, data/stream.py)
                                   # encoder_decoder also: seq2seq:reverse | seq2seq:sort | seq2seq_jsonl:GLOB
   d.tokenizer = 'char'            # byte | char | spm:PATH.model | spm_bpe:VOCAB | spm_unigram:VOCAB
   d.eval_fraction = 0.1           # held-out share (tail of each text file; every k-th document otherwise)
