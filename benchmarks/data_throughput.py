@@ -78,6 +78,12 @@ def run_measured(cmd: list[str]) -> tuple[str, float, float]:
   return output, time.time() - start, peak
 
 
+def children_cpu_s() -> float:
+  """User + system CPU seconds of every finished descendant (Beam's workers included)."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def tree_rss_mb(pid: int) -> float:
   """Resident memory of pid and its descendants, summed (read from /proc)."""
   children: dict[int, list[int]] = {}
@@ -139,14 +145,18 @@ def tokenize_part(args, folder: str) -> None:
            f'--config.data.source=text:{glob}', f'--config.data.tokenizer={spec}']
     if args.workers:
       cmd.append(f'--config.data.store.workers={args.workers}')
+    cpu = children_cpu_s()
     output, wall, peak = run_measured(cmd)
+    cpu = children_cpu_s() - cpu
     timing = dict(re.findall(r'(planned|ready) in ([\d.]+)s', output))
     pipeline_s = float(re.search(r'pipeline ran in ([\d.]+)s', output).group(1))
     tokens = sum(v['tokens'] for v in json.load(open(os.path.join(store, 'manifest.json')))['splits'].values())
     stage_s = wall - float(timing['ready'])  # tokenizer training is reported apart, as the loop never trains
     limit = args.baseline_mb * MB if args.baseline_mb else float('inf')
+    base_cpu = children_cpu_s()
     base_out, base_wall, base_peak = run_measured([sys.executable, '-c', BASELINE, f'text:{glob}', store,
                                                    os.path.join(folder, 'baseline'), str(limit)])
+    base_cpu = children_cpu_s() - base_cpu
     base = json.loads(base_out.strip().splitlines()[-1])
     share = base['bytes'] / n_bytes  # the loop may cover only the first --baseline_mb: scale its time
     base_s = base['plan_s'] + base['loop_s'] / share
@@ -155,11 +165,12 @@ def tokenize_part(args, folder: str) -> None:
     print(f"tokenize {spec}: stage {wall:.1f}s wall (tokenizer {float(timing['ready']):.1f}s, "
           f"plan {float(timing['planned']):.1f}s, Beam pipeline {pipeline_s:.1f}s); without tokenizer training "
           f"{stage_s:.1f}s = {n_bytes / MB / stage_s:.2f} MB/s, {tokens / stage_s / 1e6:.2f} M tokens/s; "
-          f"peak RSS (process tree) {peak:.0f} MB", flush=True)
+          f"peak RSS (process tree) {peak:.0f} MB; CPU {cpu:.0f}s (user+sys, workers included)", flush=True)
     print(f"  single-process loop{f' (first {share:.0%} timed, scaled)' if share < 1 else ''}: "
           f"{base_s:.1f}s (plan {base['plan_s']:.1f}s, loop {base['loop_s'] / share:.1f}s) = "
           f"{n_bytes / MB / base_s:.2f} MB/s, {tokens / base_s / 1e6:.2f} M tokens/s; peak RSS {base_peak:.0f} MB; "
-          f"speed-up {base_s / stage_s:.2f}x (load average now {os.getloadavg()[0]:.1f})", flush=True)
+          f"CPU {base_cpu:.0f}s{' for the timed part' if share < 1 else ''}; speed-up {base_s / stage_s:.2f}x "
+          f"(load average now {os.getloadavg()[0]:.1f})", flush=True)
     shutil.rmtree(os.path.join(folder, 'baseline'), ignore_errors=True)
   print(f'children max RSS (largest single process): {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB')
 
