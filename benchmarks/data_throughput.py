@@ -68,7 +68,7 @@ def run_measured(cmd: list[str]) -> tuple[str, float, float]:
     pump.start()
     while proc.poll() is None:
       peak = max(peak, tree_rss_mb(proc.pid))
-      time.sleep(0.2)
+      time.sleep(1.0)  # a /proc scan costs CPU: sample once a second
     pump.join()
   with open(out_path) as f:
     output = f.read()
