@@ -4,12 +4,14 @@
 The pipeline is grain's own pieces, per store:
 
   ArrayRecordDataSource(train shards) -> MapDataset.source -> shuffle(seed) (grain reshuffles every
-  epoch) -> repeat -> map(decode) -> to_iter_dataset (reader threads) -> FlatMap: cut each record
-  into pieces of <= seq_len (input, target) pairs -> FirstFitPackIterDataset (segment ids and
-  positions per piece, so no piece attends to another)
+  epoch) -> repeat -> to_iter_dataset (reader threads) -> FlatMap: decode and cut each record into
+  pieces of <= seq_len (input, target) pairs -> WindowShuffle (pieces of a long document spread
+  over many batches) -> FirstFitPackIterDataset (segment ids and positions per piece, so no piece
+  attends to another)
 
 then `IterDataset.mix` by weight over the stores' rows (grain's deterministic weighted
-interleave), `batch` into global batches, this process's slice, and a prefetch thread.
+interleave: a weight is a share of rows, and so of tokens since rows are packed ~95% full),
+`batch` into global batches, this process's slice, and a prefetch thread.
 
 Guarantee (exact and elastic resume). Every process builds the same global stream of packed rows:
 it depends on the stores, the seed, seq_len and the mixture, never on the process or device count
@@ -21,7 +23,8 @@ at the same global row, with no row dropped, repeated or reordered. The price is
 reads and packs the whole global batch (4 bytes per token) and keeps only its block; at hundreds of
 hosts a per-record length index would let each process read only its own rows.
 
-Start-up reads only the manifests (and the store's tokenizer); shards are opened lazily by grain.
+Start-up reads only the manifests, the store's tokenizer and each shard's record count (its
+footer); records are read by grain as the batches need them.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ from data.tokenizer import TOKENIZER_FILE, Tokenizer
 from model.errors import UserError
 
 PACKING_BINS = 64    # rows first-fit packing fills at once; more = less padding, more memory
+SHUFFLE_TOKENS = 1 << 21  # pieces shuffled together before packing: this many tokens' worth...
+SHUFFLE_PIECES = 4096     # ...or at most this many pieces (a window's Python objects stay small)
 READ_THREADS = 2     # grain reader threads per store (record reads and decoding overlap the step)
 READ_BUFFER = 256    # records read ahead per store
 PREFETCH_BATCHES = 4  # batches a background thread keeps ready
@@ -113,15 +118,20 @@ def process_block(batch: dict[str, np.ndarray], index: int, count: int) -> dict[
   return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
 
 
-def packed_rows(records: grain.MapDataset, seq_len: int, pad_id: int, seed: int, shuffle_bins: bool = True
+def packed_rows(records: grain.MapDataset, seq_len: int, pad_id: int, seed: int, shuffle: bool = True
                 ) -> grain.IterDataset:
-  """Records (bytes) -> packed rows of seq_len, each a dict of grain's packed features."""
+  """Records (bytes) -> packed rows of seq_len, each a dict of grain's packed features; `shuffle`
+  mixes pieces within a window (SHUFFLE_TOKENS / SHUFFLE_PIECES, so the rows of a batch are not consecutive
+  windows of one long document) and rows within each packed group."""
   pieces = grain.experimental.FlatMapIterDataset(
       records.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)),
       decode_pieces(seq_len))
+  if shuffle:
+    pieces = grain.experimental.WindowShuffleIterDataset(
+        pieces, window_size=max(PACKING_BINS, min(SHUFFLE_PIECES, SHUFFLE_TOKENS // seq_len)), seed=seed)
   return grain.experimental.FirstFitPackIterDataset(
       pieces, length_struct={'inputs': seq_len, 'targets': seq_len}, num_packing_bins=PACKING_BINS,
-      seed=seed, shuffle_bins=shuffle_bins, padding_struct={'inputs': pad_id, 'targets': pad_id})
+      seed=seed, shuffle_bins=shuffle, padding_struct={'inputs': pad_id, 'targets': pad_id})
 
 
 class StreamIterator(grain.DatasetIterator):
@@ -163,7 +173,7 @@ class EvalBatches:
         [grain.MapDataset.source(grain.sources.ArrayRecordDataSource(token_store.shard_paths(m.path, 'eval', m.manifest)))
          for m in d.members])
     global_batch = self._batch * d.process_count
-    rows = packed_rows(records, self._seq_len, d.tokenizer.pad_id, d.seed, shuffle_bins=False)
+    rows = packed_rows(records, self._seq_len, d.tokenizer.pad_id, d.seed, shuffle=False)
     for b, batch in enumerate(rows.batch(global_batch)):
       if self._max and b >= self._max:
         break

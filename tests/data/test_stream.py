@@ -40,6 +40,12 @@ def dataset(source: str, seed: int = 0, index: int = 0, count: int = 1, tokenize
   return build_dataset(cfg, seed, tokenizer_dir=workdir, process_index=index, process_count=count)
 
 
+@pytest.fixture(autouse=True)
+def small_shuffle_window(monkeypatch):
+  """A window of 64 pieces instead of 4096: the same code, and these stores hold only ~500 pieces."""
+  monkeypatch.setattr(stream, 'SHUFFLE_PIECES', 64)
+
+
 @pytest.fixture(scope='module')
 def stores(tmp_path_factory):
   root = tmp_path_factory.mktemp('stores')
