@@ -190,6 +190,7 @@ tokens = 0
 for _ in range(n):
   tokens += int(next(it)['weights'].sum())
 done = time.time()
+it.close()
 print(json.dumps({'first_batch_s': ready - start, 'tokens_per_s': tokens / (done - ready),
                   'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
@@ -226,6 +227,7 @@ with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
     jax.block_until_ready(state)
     out[name] = (time.perf_counter() - t) / steps * 1000
     trainer.state = state
+it.close()
 print(json.dumps(out))
 '''
 

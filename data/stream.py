@@ -28,12 +28,14 @@ footer); records are read by grain as the batches need them.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
+import weakref
 from typing import Any, Iterator
 
 import grain
@@ -112,6 +114,11 @@ def contract(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           'weights': (segments > 0).astype(np.float32)}
 
 
+def check_shape(batch_size: int, seq_len: int) -> None:
+  if batch_size < 1 or seq_len < 1:
+    raise UserError(f"batch of {batch_size}×{seq_len} rows is empty; use a per-process batch size and seq_len >= 1")
+
+
 def process_block(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
   """Rows [index*B/count, (index+1)*B/count) of a global batch of B rows."""
   rows = len(batch['inputs']) // count
@@ -134,6 +141,17 @@ def packed_rows(records: grain.MapDataset, seq_len: int, pad_id: int, seed: int,
       seed=seed, shuffle_bins=shuffle, padding_struct={'inputs': pad_id, 'targets': pad_id})
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # iterators whose prefetch threads run
+
+
+@atexit.register
+def _close_open() -> None:
+  """Stop prefetch threads before interpreter teardown: a daemon thread caught inside a shard read
+  then aborts the process ('FATAL: exception not rethrown')."""
+  for it in list(_OPEN):
+    it.close()
+
+
 class StreamIterator(grain.DatasetIterator):
   """The global stream's grain iterator plus a fingerprint that refuses a state from another run
   (other stores, seed or seq_len). `elastic`: its state is the same on every process, so
@@ -144,6 +162,7 @@ class StreamIterator(grain.DatasetIterator):
   def __init__(self, parent: grain.DatasetIterator, fingerprint: dict):
     super().__init__(parent)
     self._fingerprint = fingerprint
+    _OPEN.add(self)
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._parent)
@@ -159,6 +178,10 @@ class StreamIterator(grain.DatasetIterator):
                         "resume with the same data.source, seed and train.seq_len, or use a fresh workdir")
     self._parent.set_state(state['stream'])
 
+  def close(self) -> None:
+    _OPEN.discard(self)
+    self._parent.close()
+
 
 class EvalBatches:
   """The eval splits of every store once, in order, re-read on each pass (nothing held in memory).
@@ -169,9 +192,9 @@ class EvalBatches:
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     d = self._data
-    records = grain.MapDataset.concatenate(
-        [grain.MapDataset.source(grain.sources.ArrayRecordDataSource(token_store.shard_paths(m.path, 'eval', m.manifest)))
-         for m in d.members])
+    sources = [grain.sources.ArrayRecordDataSource(token_store.shard_paths(m.path, 'eval', m.manifest))
+               for m in d.members]
+    records = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in sources])
     global_batch = self._batch * d.process_count
     rows = packed_rows(records, self._seq_len, d.tokenizer.pad_id, d.seed, shuffle=False)
     for b, batch in enumerate(rows.batch(global_batch)):
@@ -179,8 +202,8 @@ class EvalBatches:
         break
       batch = contract(batch)
       short = global_batch - len(batch['inputs'])  # the last batch: pad with empty rows
-      pad = lambda k, v: np.full((short, self._seq_len), d.tokenizer.pad_id if k in ('inputs', 'targets') else 0, v.dtype)
-      batch = {k: np.concatenate([v, pad(k, v)]) for k, v in batch.items()}
+      fill = lambda k: d.tokenizer.pad_id if k in ('inputs', 'targets') else 0
+      batch = {k: np.concatenate([v, np.full((short, self._seq_len), fill(k), v.dtype)]) for k, v in batch.items()}
       yield process_block(batch, d.process_index, d.process_count)
 
 
@@ -216,8 +239,7 @@ class StoreDataset:
 
   def train_dataset(self, batch_size: int, seq_len: int) -> grain.IterDataset:
     """Endless batches of `batch_size` rows (this process's block of each global batch)."""
-    if batch_size < 1 or seq_len < 1:
-      raise UserError(f"batch of {batch_size}×{seq_len} rows is empty; use a per-process batch size and seq_len >= 1")
+    check_shape(batch_size, seq_len)
     index, count = self.process_index, self.process_count
     batches = self.rows(seq_len).batch(batch_size * count, drop_remainder=True)
     return batches.map(lambda b: process_block(contract(b), index, count))
@@ -231,8 +253,7 @@ class StoreDataset:
 
   def eval_batches(self, batch_size: int, seq_len: int, max_batches: int = 0) -> EvalBatches:
     """The eval split(s) in order; max_batches > 0 keeps the first ones."""
-    if batch_size < 1 or seq_len < 1:
-      raise UserError(f"batch of {batch_size}×{seq_len} rows is empty; use a per-process batch size and seq_len >= 1")
+    check_shape(batch_size, seq_len)
     return EvalBatches(self, batch_size, seq_len, max_batches)
 
 
