@@ -26,9 +26,9 @@ from typing import Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from data import sources
+from data import sources, stream
 from data.rows import EpochRows, RowsDataset, check_batch_shape, check_launch, eval_batch_count
-from data.tokenizer import TOKENIZER_FILE, SavedTokenizer, build_tokenizer, load_tokenizer
+from data.tokenizer import TOKENIZER_FILE, SavedTokenizer, build_tokenizer, document_frame, load_tokenizer
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 
@@ -62,9 +62,7 @@ def tokenize_docs(tokenizer: Tokenizer, docs: Sequence[str]) -> TokenizedDocs:
   """One pass of the tokenizer over every document (vectorised where the tokenizer is). An imported
   model's tokenizer (model/convert/tokenizer.py, for fine-tuning on text) frames documents as its
   model was trained: BOS only if it adds one (SmolLM2 does not), no special token it lacks."""
-  add_bos = tokenizer.add_bos and tokenizer.bos_id is not None
-  bos = np.array([tokenizer.bos_id] if add_bos else [], np.int32)
-  eos = np.array([] if tokenizer.eos_id is None else [tokenizer.eos_id], np.int32)
+  bos, eos = document_frame(tokenizer)
   encoded = [tokenizer.encode_array(doc) for doc in docs]
   lengths = np.array([len(ids) + len(bos) + len(eos) for ids in encoded], np.int64)
   tokens = np.concatenate([part for ids in encoded for part in (bos, ids, eos)] or [np.zeros(0, np.int32)])
@@ -211,10 +209,13 @@ class Dataset(RowsDataset):
 
 
 def build_dataset(cfg_data: ConfigDict, seed: int, tokenizer_dir: str | None = None,
-                  process_index: int = 0, process_count: int = 1) -> Dataset:
+                  process_index: int = 0, process_count: int = 1) -> Dataset | stream.StoreDataset:
   """Loads the source, gets the tokenizer (the saved one in tokenizer_dir if present, else builds
-  it on the train documents and saves it there) and tokenizes both splits."""
+  it on the train documents and saves it there) and tokenizes both splits. A token store
+  (tokens:/mixture:) is streamed instead (data/stream.py): nothing but its manifest is read here."""
   check_launch(seed, process_index, process_count)
+  if stream.is_store_source(cfg_data.source):
+    return stream.build_store_dataset(cfg_data, seed, tokenizer_dir, process_index, process_count)
   source = sources.load_source(cfg_data)
   tokenizer = run_tokenizer(cfg_data.tokenizer, source.train_docs, tokenizer_dir, process_index)
   dataset = tokenized_dataset(source, tokenizer, seed, process_index, process_count)

@@ -4,8 +4,8 @@ Forms: `synthetic` (a seeded Markov language with known entropy), `text:GLOB` (o
 file; eval = the last eval_fraction of each file, nanoGPT's split), `jsonl:GLOB:FIELD` (one document
 per record; eval = every k-th record), `tfds:NAME[:FIELD]` (a prepared TFDS dataset read through
 array_record without TensorFlow; see data/tfds_text.py to turn local files into one).
-Documents are held in memory as strings (fine up to a few GB of text); a streaming path for
-larger TFDS corpora would tokenize lazily in a grain map instead.
+Documents are held in memory as strings (fine for small studies); a large corpus is tokenized once
+into a token store (stage tokenize) and streamed with `tokens:STORE` / `mixture:...` (data/stream.py).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from data.jsonl import json_objects
 from model.errors import UserError
 
 SOURCES = 'synthetic | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[:FIELD]'
+STORE_SOURCES = 'tokens:STORE | mixture:STORE1=W1,STORE2=W2'  # stage=pretrain only: data/stream.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,11 @@ def load_source(cfg_data: ConfigDict) -> Source:
     source = _jsonl(*rest.rsplit(':', 1), fraction)
   elif kind == 'tfds' and rest:
     source = _tfds(rest, cfg_data.data_dir, fraction)
+  elif kind in ('tokens', 'mixture'):
+    raise UserError(f"data.source {spec!r} is a token store, which only stage=pretrain (decoder or encoder) "
+                    f"streams; give this stage one of {SOURCES}")
   else:
-    raise UserError(f"data.source {spec!r} is not valid; use one of {SOURCES}")
+    raise UserError(f"data.source {spec!r} is not valid; use one of {SOURCES} | {STORE_SOURCES}")
   if not source.train_docs:
     raise UserError(f"data.source {spec!r} has an empty train split; add data or lower data.eval_fraction")
   if not source.eval_docs:

@@ -19,6 +19,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 TOKENIZER_FILE = 'tokenizer.json'
 SPM_FILE = 'spm.model'
@@ -26,6 +27,15 @@ SPECS = "byte | char | spm:PATH.model | spm_bpe:VOCAB | spm_unigram:VOCAB"
 SPM_META = '\u2581'         # SentencePiece's whitespace marker; a literal one in text needs escaping
 SPM_MAX_LINE = 2048         # characters per training sentence (longer lines are cut)
 SPM_MAX_SENTENCES = 100_000  # sentences sampled for training: ~1 MB trains in seconds
+
+
+def document_frame(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(bos, eos) ids a document is framed with: BOS only if the tokenizer adds one (an imported
+  model's may not: SmolLM2 does not), EOS if it has one."""
+  add_bos = tokenizer.add_bos and tokenizer.bos_id is not None
+  bos = np.array([tokenizer.bos_id] if add_bos else [], np.int32)
+  eos = np.array([] if tokenizer.eos_id is None else [tokenizer.eos_id], np.int32)
+  return bos, eos
 
 
 class SavedTokenizer(abc.ABC):

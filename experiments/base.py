@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                      # model init, dropout and data order
-  c.stage = 'pretrain'            # pretrain | sample | chat | sweep | scaling | sft | reward | ppo | grpo | dpo
+  c.stage = 'pretrain'            # pretrain | sample | chat | sweep | scaling | sft | reward | ppo | grpo | dpo | tokenize
 
   # ---- model ---------------------------------------------------------------------------------
   m = c.model = ConfigDict()
@@ -53,10 +53,19 @@ def get_config() -> ConfigDict:
   # ---- data ----------------------------------------------------------------------------------
   d = c.data = ConfigDict()
   d.source = 'synthetic'          # synthetic | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[:FIELD]
+                                  # pretrain also: tokens:STORE | mixture:STORE1=W1,STORE2=W2 (token stores, data/stream.py)
                                   # encoder_decoder also: seq2seq:reverse | seq2seq:sort | seq2seq_jsonl:GLOB
   d.tokenizer = 'char'            # byte | char | spm:PATH.model | spm_bpe:VOCAB | spm_unigram:VOCAB
   d.eval_fraction = 0.1           # held-out share (tail of each text file; every k-th document otherwise)
   d.data_dir = ''                 # tfds data_dir ('' = tfds default)
+  d.decode_errors = 'strict'      # text that is not UTF-8 (tokenize stage): strict (stop, naming the file) | replace | ignore
+  o = d.store = ConfigDict()      # stage=tokenize: the token store it writes (data/store.py, data/tokenize_beam.py)
+  o.chunk_tokens = 65536          # longest record; longer documents become consecutive records
+  o.block_mb = 4.0                # text a worker reads and tokenizes at once: bounds its memory
+  o.shard_mb = 16.0               # text per shard (each split has at least one; more shards than workers balance them)
+  o.tokenizer_sample_mb = 64.0    # spm_bpe/spm_unigram: train text sampled (evenly spaced blocks) before input_sentence_size
+  o.workers = 0                   # local runner's worker processes (0 = one per core)
+  o.beam_options = ''             # Beam pipeline options, e.g. '--runner=DataflowRunner --project=P ...' (cluster runs)
   s = d.synthetic = ConfigDict()  # a seeded Markov chain whose true entropy is known
   s.seed = 1234                   # fixes the language; independent of the run seed
   s.n_symbols = 24

@@ -7,6 +7,8 @@ opens (safe: the workdir lock, train/workdir.py, means no other run is writing t
 """
 import errno
 import logging
+import glob
+import json
 import os
 from typing import Any
 
@@ -106,7 +108,8 @@ def restore(manager: ocp.CheckpointManager, step: int, like_state: Any,
   path = os.path.join(manager.directory, str(step))
   abstract_state = abstract_like(like_state)
   items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-  if data_iter is not None:
+  elastic = getattr(data_iter, 'elastic', False)
+  if data_iter is not None and not elastic:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
     saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / 'state').tree
@@ -118,12 +121,24 @@ def restore(manager: ocp.CheckpointManager, step: int, like_state: Any,
     out = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:
     raise unreadable(path, e) from e
+  if elastic:
+    restore_elastic(path, data_iter)
   return out['state'], out['meta']
 
 
 def unreadable(path: str, e: Exception) -> UserError:
   return UserError(f'checkpoint {path} cannot be restored ({type(e).__name__}: {_first_line(e)}); '
                    'delete that step folder to fall back to an older one, or use a fresh --workdir')
+
+
+def restore_elastic(path: str, data_iter: Any) -> None:
+  """An elastic iterator (data/stream.py) saves the same state on every process, so any process's
+  copy restores it on any process count (grain's handler would look for this count's file)."""
+  saved = sorted(glob.glob(os.path.join(path, 'data', 'process_*-of-*.json')))
+  if not saved:
+    raise UserError(f'checkpoint {path} has no data iterator state; delete that step folder or use a fresh --workdir')
+  with open(saved[0]) as f:
+    data_iter.set_state(json.load(f))
 
 
 def latest_step(workdir: str) -> int | None:

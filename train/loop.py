@@ -252,4 +252,7 @@ def pretrain(cfg: ConfigDict, workdir: str, dataset: TrainData) -> tuple[Trainer
   eval_batches = dataset.eval_batches(cfg.eval.batch_size or per_host, cfg.train.seq_len,
                                       cfg.eval.max_batches)
   objective = objective_for(trainer.model_cfg.family, dataset.tokenizer.pad_id)
-  return trainer, run_training(trainer, objective, train_iter, eval_batches, workdir, dataset.info)
+  try:
+    return trainer, run_training(trainer, objective, train_iter, eval_batches, workdir, dataset.info)
+  finally:
+    train_iter.close()  # stops a streaming loader's prefetch threads (data/stream.py)

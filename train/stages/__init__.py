@@ -12,6 +12,7 @@ from train.stages.pretrain import pretrain_stage, sample_stage
 from train.stages.reward import reward_stage
 from train.stages.sft import sft_stage
 from train.stages.studies import scaling_stage, sweep_stage
+from train.stages.tokenize import tokenize_stage
 
 STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'pretrain': pretrain_stage,
@@ -24,4 +25,5 @@ STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'dpo': dpo_stage,
     'sweep': sweep_stage,
     'scaling': scaling_stage,
+    'tokenize': tokenize_stage,
 }
