@@ -47,7 +47,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from data.tokenizer import SavedTokenizer, document_frame, load_tokenizer
+from data.tokenizer import SavedTokenizer, load_tokenizer
 from model.errors import UserError
 
 FORMAT = 'lmlab-token-store/1'
