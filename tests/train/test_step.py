@@ -1,4 +1,6 @@
 """The train step: accumulation == big batch, remat/scan change nothing, FLOPs match XLA."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +105,15 @@ def test_analytic_flops_match_xla_cost_analysis():
   xla = (cost[0] if isinstance(cost, list) else cost)['flops']
   analytic = 4 * 64 * flops_per_token(trainer.model_cfg, 64, causal=False)
   assert abs(analytic - xla) / xla < 0.15, (analytic, xla)
+
+
+def test_train_step_raises_no_deprecation_warning():
+  """Tracing and running a step with clipping (grad norm, clip_by_global_norm) uses no deprecated
+  optax API (optax.global_norm warned on every trace)."""
+  cfg = tiny_config()
+  cfg.train.clip_norm = 1.0
+  batch = random_batch(np.random.default_rng(4), 8, 16, VOCAB)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', DeprecationWarning)
+    m, _ = first_step(cfg, batch)
+  assert np.isfinite(m['grad_norm'])
