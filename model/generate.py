@@ -39,6 +39,7 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   An encoder-decoder takes one `encoder_inputs` row per prompt (its decoder prompt is [BOS]).
   """
   cfg = model.cfg
+  check_family(cfg.family, encoder_inputs is not None)
   check_prompts(prompts, cfg.max_len)
   encoder = None if encoder_inputs is None else encoder_batch(encoder_inputs, len(prompts),
                                                               cfg.max_len, pad_id)
@@ -58,6 +59,16 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   out = decode(params, cache, first, first_logprob, rng, jnp.int32(limit), model=model,
                sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id, steps=steps)
   return Generation(out.tokens[:, :limit], out.logprobs[:, :limit], out.lengths)
+
+
+def check_family(family: str, has_encoder_inputs: bool) -> None:
+  """Only the families with a causal decoder generate; encoder inputs go with an encoder-decoder."""
+  if family == 'encoder':
+    raise UserError('model.family=encoder (masked LM) cannot generate text; use a decoder or an '
+                    'encoder_decoder model')
+  if has_encoder_inputs != (family == 'encoder_decoder'):
+    raise UserError(f'model.family={family} ' + ('needs encoder_inputs (one row per prompt)'
+                    if family == 'encoder_decoder' else 'takes no encoder_inputs'))
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_len: int) -> None:

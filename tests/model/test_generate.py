@@ -151,3 +151,20 @@ def test_xla_attention_path_generates_the_same():
   run = lambda c: np.asarray(generate(build_model(c), params, PROMPTS, max_new_tokens=6,
                                       rng=jax.random.PRNGKey(0), sampling=GREEDY).logprobs)
   np.testing.assert_allclose(run(dataclasses.replace(cfg, attention='xla')), run(cfg), atol=1e-5)
+
+
+@pytest.mark.parametrize('family, encoder_inputs, words', [
+    ('encoder', None, 'family=encoder'),
+    ('encoder_decoder', None, 'encoder_inputs'),
+    ('decoder', [[5, 6]] * 3, 'encoder_inputs')])
+def test_family_mismatch_is_a_one_line_error(family, encoder_inputs, words):
+  """An encoder-only model cannot continue text; an encoder-decoder needs encoder inputs and a
+  decoder takes none: each is one line naming the problem, not a shape error deep in the model."""
+  cfg = ModelConfig(vocab_size=64, family=family, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
+                    head_dim=8, d_ff=64, max_len=48, pos_encoding='learned')
+  params = nn.meta.unbox(build_model(cfg).init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 8), jnp.int32))['params'])
+  with pytest.raises(UserError) as e:
+    generate(build_model(cfg), params, PROMPTS, max_new_tokens=4, rng=jax.random.PRNGKey(0),
+             encoder_inputs=encoder_inputs)
+  assert words in str(e.value) and '\n' not in str(e.value)
