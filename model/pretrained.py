@@ -22,7 +22,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.generate import Generation, generate
+from model.generate import generate_rows
 from model.sampling import Sampling
 from model.transformer import build_model, mean_pool
 
@@ -100,13 +100,11 @@ class Pretrained:
     """Generate from token ids; each row ends at (and includes) its stop token."""
     stops = self.stop_ids if stop_ids is None else tuple(stop_ids)
     pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
-    out: Generation = generate(self.model, self.params, ids, max_new_tokens=max_new_tokens,
-                               rng=jax.random.PRNGKey(seed), sampling=sampling, stop_ids=stops,
-                               pad_id=pad)
-    tokens, logprobs, lengths = jax.device_get(tuple(out))
-    rows = [[int(t) for t in row[:n]] for row, n in zip(tokens, lengths)]
+    out = generate_rows(self.model, self.params, ids, max_new_tokens=max_new_tokens,
+                        rng=jax.random.PRNGKey(seed), sampling=sampling, stop_ids=stops, pad_id=pad)
+    rows = [row.tolist() for row in out.tokens]
     texts = None if self.tokenizer is None else [self.tokenizer.decode(r) for r in rows]
-    return Completions(texts, rows, [lp[:n] for lp, n in zip(logprobs, lengths)])
+    return Completions(texts, rows, out.logprobs)
 
   def encode(self, texts: str | Sequence[str], normalize: bool = False, batch_size: int = 32
              ) -> np.ndarray:

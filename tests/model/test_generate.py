@@ -10,7 +10,7 @@ from jax.sharding import AxisType
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.generate import generate
+from model.generate import generate, generate_rows
 from model.sampling import Sampling
 from model.transformer import build_model, init_cache
 from train.mesh import LOGICAL_RULES
@@ -168,3 +168,27 @@ def test_family_mismatch_is_a_one_line_error(family, encoder_inputs, words):
     generate(build_model(cfg), params, PROMPTS, max_new_tokens=4, rng=jax.random.PRNGKey(0),
              encoder_inputs=encoder_inputs)
   assert words in str(e.value) and '\n' not in str(e.value)
+
+
+def test_generate_rows_equals_chunked_generate_cut_at_lengths():
+  """The host-rows helper is the loop the stages had: chunks of generate with the same key (or
+  the key folded with each chunk's first prompt index), each row cut at its length."""
+  cfg, params = tiny()
+  model = build_model(cfg)
+  prompts = PROMPTS * 3
+  sampling, stops = Sampling(temperature=1.0), tuple(range(0, 64, 4))  # stops often
+  for fold in (False, True):
+    rows = generate_rows(model, params, prompts, max_new_tokens=6, rng=jax.random.PRNGKey(5),
+                         chunk_size=4, fold_chunk_start=fold, sampling=sampling, stop_ids=stops)
+    expected_tokens, expected_logprobs = [], []
+    for i in range(0, len(prompts), 4):
+      key = jax.random.fold_in(jax.random.PRNGKey(5), i) if fold else jax.random.PRNGKey(5)
+      out = generate(model, params, prompts[i:i + 4], max_new_tokens=6, rng=key,
+                     sampling=sampling, stop_ids=stops)
+      for t, lp, n in zip(np.asarray(out.tokens), np.asarray(out.logprobs), np.asarray(out.lengths)):
+        expected_tokens.append(t[:n].tolist())
+        expected_logprobs.append(lp[:n])
+    assert [r.tolist() for r in rows.tokens] == expected_tokens
+    assert any(len(r) < 6 for r in expected_tokens)  # some rows stopped early: cuts differ
+    for got, want in zip(rows.logprobs, expected_logprobs):
+      np.testing.assert_array_equal(got, want)
