@@ -152,7 +152,7 @@ def update(run: RlRun, steps: tuple[Callable, Callable | None], batch: Rows, see
   rng, key = np.random.default_rng(seed), jax.random.PRNGKey(seed)
   roles = [(t, step, name) for t, step, name in zip((run.policy, run.critic), steps,
                                                      ('actor_', 'critic_')) if step is not None]
-  totals: dict[str, list[float]] = {}
+  totals: dict[str, list[jax.Array]] = {}
   for _ in range(run.r.epochs):
     order = rng.permutation(n)
     for start in range(0, n, size):
@@ -160,9 +160,11 @@ def update(run: RlRun, steps: tuple[Callable, Callable | None], batch: Rows, see
       for trainer, step, prefix in roles:
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
           trainer.state, m = step(trainer.state, global_batch(mini, trainer.mesh), key)
-        for k, v in jax.device_get(m).items():
-          totals.setdefault(prefix + k, []).append(float(v))
-  return {k: float(np.mean(v)) for k, v in totals.items()}
+        for k, v in m.items():
+          totals.setdefault(prefix + k, []).append(v)
+  # One fetch per iteration (the steps stay queued on the device), stacked per metric.
+  fetched = jax.device_get({k: jnp.stack(v) for k, v in totals.items()})
+  return {k: float(np.mean([float(x) for x in v])) for k, v in fetched.items()}
 
 
 def train_steps(run: RlRun) -> tuple[Callable, Callable | None]:
