@@ -145,6 +145,25 @@ def test_greedy_generation_matches_full_forward():
   np.testing.assert_array_equal(np.asarray(full.argmax(-1)), tokens)
 
 
+def test_default_context_holds_the_whole_decoder_row():
+  """The decoder trains on [BOS] + seq_len - 1 target tokens and predicts seq_len (target + EOS).
+  The default context is train.seq_len as for every family (a learned table of seq_len rows), and
+  greedy generation still emits all seq_len tokens, each the argmax of the full forward."""
+  cfg = model_config(encdec_config(pos_encoding='learned').model, VOCAB, S)
+  assert cfg.max_len == S
+  model = build_model(cfg)
+  boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, S), jnp.int32))['params']
+  params = jax.tree.map(lambda x: x * 3, nn.meta.unbox(boxed))
+  assert params['pos_embed']['embedding'].shape[0] == S
+  out = generate(model, params, [[1]], encoder_inputs=[[5, 9, 11, 3, 2]], max_new_tokens=S + 4,
+                 rng=jax.random.PRNGKey(0), sampling=Sampling(temperature=0.0))
+  tokens = np.asarray(out.tokens)
+  assert tokens.shape == (1, S) and out.lengths.tolist() == [S]
+  dec = jnp.concatenate([jnp.ones((1, 1), jnp.int32), jnp.asarray(tokens[:, :-1])], 1)
+  full = model.apply({'params': params}, jnp.asarray([[5, 9, 11, 3, 2]]), dec)
+  np.testing.assert_array_equal(np.asarray(full.argmax(-1)), tokens)
+
+
 def stacked(params: dict, cfg) -> dict:
   """Loop-layout params (layers_0, layers_1, ...) in nn.scan's layout (one stacked 'block')."""
   out = dict(params)
