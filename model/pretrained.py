@@ -13,6 +13,7 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -139,9 +140,15 @@ class Pretrained:
     return ([bos] if getattr(self.tokenizer, 'add_bos', True) and bos is not None else []) + ids
 
   def export_hf(self, folder: str) -> None:
-    """Write a Hugging Face llama checkpoint (config.json + model.safetensors)."""
+    """Write a Hugging Face llama checkpoint (config.json + model.safetensors) and, for imported
+    tokenizers, the tokenizer files; a project tokenizer (byte, char, SentencePiece) has no
+    Hugging Face form, so only the weights are written and a one-line warning says so."""
     from model.convert.hf_llama import export_hf_llama
-    export_hf_llama(jax.device_get(self.params), self.config, folder)
+    export_hf_llama(jax.device_get(self.params), self.config, folder, self.tokenizer)
+    if self.tokenizer is not None and not hasattr(self.tokenizer, 'save_hf'):
+      kind = getattr(self.tokenizer, 'kind', type(self.tokenizer).__name__)
+      print(f'warning: the {kind} tokenizer has no Hugging Face form; {folder} holds the weights '
+            'only', file=sys.stderr)
 
   def _check_ids(self, ids: np.ndarray) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):

@@ -204,8 +204,10 @@ def load_hf_llama(folder: str) -> tuple[ModelConfig, Params]:
   return cfg, params_from_hf(read_safetensors(folder), cfg, folder)
 
 
-def export_hf_llama(params: Params, cfg: ModelConfig, folder: str) -> None:
-  """Write config.json + model.safetensors that transformers opens as a LlamaForCausalLM."""
+def export_hf_llama(params: Params, cfg: ModelConfig, folder: str, tokenizer: Any = None) -> None:
+  """Write config.json + model.safetensors that transformers opens as a LlamaForCausalLM, and the
+  tokenizer files AutoTokenizer opens when `tokenizer` has a Hugging Face form (save_hf: imported
+  GGUF and Hugging Face tokenizers); project tokenizers (byte, char, SentencePiece) have none."""
   from safetensors.numpy import save_file
   config = hf_llama_config(cfg)
   tensors = hf_from_params(params, cfg)
@@ -213,6 +215,8 @@ def export_hf_llama(params: Params, cfg: ModelConfig, folder: str) -> None:
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2, sort_keys=True)
   save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={'format': 'pt'})
+  if hasattr(tokenizer, 'save_hf'):
+    tokenizer.save_hf(folder)
 
 
 def read_json(path: str) -> dict[str, Any]:
