@@ -171,7 +171,11 @@ class Decoder(nn.Module):
 
   def embed_tokens(self, tokens: Array, positions: Array) -> Array:
     c = self.cfg
-    x = self.embed(tokens)
+    # The table is gathered whole before the lookup (as FSDP gathers every weight before use):
+    # gathering rows of a table sharded over vocab (tensor) and embed (fsdp) into activations
+    # sharded over batch makes XLA's SPMD partitioner rematerialise it involuntarily.
+    table = nn.with_logical_constraint(self.embed.embedding.astype(c.compute_dtype), (None, None))
+    x = jnp.take(table, tokens, axis=0)
     if c.pos_encoding == 'learned':
       x = x + self.pos_embed(positions)
     elif c.pos_encoding == 'sinusoidal':
