@@ -197,12 +197,11 @@ print(json.dumps({'first_batch_s': ready - start, 'tokens_per_s': tokens / (done
 
 STEP_TIME = '''
 import json, sys, time
-import flax.linen as nn
 import jax
 from experiments import shakespeare_char
 from data.pipeline import build_dataset
 from train.loop import compile_train_step, init_trainer
-from train.mesh import LOGICAL_RULES, global_batch
+from train.mesh import global_batch, mesh_rules
 from train.objectives import objective_for
 cfg = shakespeare_char.get_config()
 cfg.data.source, cfg.data.tokenizer = 'tokens:' + sys.argv[1], 'byte'
@@ -211,7 +210,7 @@ data = build_dataset(cfg.data, cfg.seed)
 trainer = init_trainer(cfg, data.tokenizer.vocab_size)
 it = data.train_iter(cfg.train.batch_size, cfg.train.seq_len)
 objective = objective_for(trainer.model_cfg.family, data.tokenizer.pad_id)
-with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+with mesh_rules(trainer.mesh):
   cached = global_batch(next(it), trainer.mesh)
   step = compile_train_step(trainer, objective, cached)
   rng = jax.random.PRNGKey(0)

@@ -22,7 +22,7 @@ def get_config() -> ConfigDict:
   m.head_dim = 0                  # 0 = d_model // n_heads
   m.d_ff = 0                      # 0 = 4 * d_model (relu/gelu) or 8/3 * d_model rounded to 64 (swiglu)
   m.vocab_size = 0                # 0 = take it from the tokenizer
-  m.max_len = 0                   # 0 = train.seq_len (+1 for encoder_decoder); longest sequence for learned/sinusoidal tables
+  m.max_len = 0                   # 0 = train.seq_len; longest sequence for learned/sinusoidal tables
   m.pos_encoding = 'rope'         # rope | learned | sinusoidal | relative (T5 bias on the logits) | none
   m.rope_theta = 10000.0
   m.relative_buckets = 32         # relative: learned bias buckets per stack (half per direction in an encoder)

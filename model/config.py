@@ -101,9 +101,9 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
   if m.pos_encoding == 'rope' and head_dim % 2:
     raise UserError(f'RoPE needs an even head_dim, got {head_dim}; change d_model/n_heads or head_dim')
   check_t5_fields(m)
-  # An encoder-decoder's decoder reads [BOS] + a target row of seq_len - 1 tokens and so emits up to
-  # seq_len (target + EOS): one more than a decoder row's context when generating.
-  max_len = m.max_len or seq_len + (m.family == 'encoder_decoder')
+  # Every family's context is the row: an encoder-decoder's decoder reads [BOS] + seq_len - 1 target
+  # tokens and emits seq_len (target + EOS); generate never feeds the last one, so they fit.
+  max_len = m.max_len or seq_len
   if max_len < seq_len:
     raise UserError(f'model.max_len={max_len} is shorter than train.seq_len={seq_len}')
   return ModelConfig(

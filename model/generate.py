@@ -39,6 +39,7 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   An encoder-decoder takes one `encoder_inputs` row per prompt (its decoder prompt is [BOS]).
   """
   cfg = model.cfg
+  check_family(cfg.family, encoder_inputs is not None)
   check_prompts(prompts, cfg.max_len)
   encoder = None if encoder_inputs is None else encoder_batch(encoder_inputs, len(prompts),
                                                               cfg.max_len, pad_id)
@@ -58,6 +59,45 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   out = decode(params, cache, first, first_logprob, rng, jnp.int32(limit), model=model,
                sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id, steps=steps)
   return Generation(out.tokens[:, :limit], out.logprobs[:, :limit], out.lengths)
+
+
+class HostRows(NamedTuple):
+  """Generated continuations on the host, one entry per prompt, each cut at its own length."""
+  tokens: list[np.ndarray]    # int32 new tokens; a row's stop token is included
+  logprobs: list[np.ndarray]  # f32 log-prob of each of those tokens
+
+
+def generate_rows(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
+                  max_new_tokens: int, rng: jax.Array, chunk_size: int = 0,
+                  fold_chunk_start: bool = False, **kwargs: Any) -> HostRows:
+  """`generate` over `prompts` in chunks of `chunk_size` (0 = one call), fetched once per chunk.
+
+  Every chunk uses `rng`, or `fold_in(rng, i)` for the chunk starting at prompt i when
+  `fold_chunk_start` (independent samples per chunk). `kwargs` go to `generate` (sampling,
+  stop_ids, pad_id, encoder_inputs: one row per prompt, chunked alongside).
+  """
+  encoder_inputs = kwargs.pop('encoder_inputs', None)
+  size = chunk_size or max(len(prompts), 1)
+  tokens, logprobs = [], []
+  for i in range(0, max(len(prompts), 1), size):  # no prompts: generate's one-line error
+    if encoder_inputs is not None:
+      kwargs['encoder_inputs'] = encoder_inputs[i:i + size]
+    out = generate(model, params, prompts[i:i + size], max_new_tokens=max_new_tokens,
+                   rng=jax.random.fold_in(rng, i) if fold_chunk_start else rng, **kwargs)
+    t, lp, n = jax.device_get((out.tokens, out.logprobs, out.lengths))
+    tokens += [row[:k] for row, k in zip(t, n)]
+    logprobs += [row[:k] for row, k in zip(lp, n)]
+  return HostRows(tokens, logprobs)
+
+
+def check_family(family: str, has_encoder_inputs: bool) -> None:
+  """Only the families with a causal decoder generate; encoder inputs go with an encoder-decoder."""
+  if family == 'encoder':
+    raise UserError('model.family=encoder (masked LM) cannot generate text; use a decoder or an '
+                    'encoder_decoder model')
+  if has_encoder_inputs != (family == 'encoder_decoder'):
+    raise UserError(f'model.family={family} ' + ('needs encoder_inputs (one row per prompt)'
+                    if family == 'encoder_decoder' else 'takes no encoder_inputs'))
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_len: int) -> None:

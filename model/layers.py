@@ -234,15 +234,20 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: s
 
 
 LayerCache = tuple[Array, Array]  # one layer's keys and values, each [b, s, g, k]
+# A decoding layer's cache: its self-attention (k, v); a cross stack's layer holds (self (k, v),
+# cross (k, v) or None before the prefill projects the encoder output).
+BlockCache = LayerCache | tuple[LayerCache, LayerCache | None]
 
 
 class Attention(nn.Module):
   """Multi-head attention with MHA/GQA/MQA, RoPE, and self- or cross-attention inputs.
 
   With `cache` (decoding), the new keys and values are written at slot `cache_index` and the queries
-  attend over the whole cache (`mask` hides empty and padded slots); the updated cache is returned.
-  Prefill and decode are this same call with t = prompt length or t = 1. `bias` [1 or b, h, t, s]
-  is added to the logits (T5's relative positions).
+  attend over the whole cache (`mask` hides empty and padded slots). Prefill and decode are this
+  same call with t = prompt length or t = 1. `kv` gives keys and values projected before (a
+  decoder's cross-attention over the encoder output, projected once at prefill). `bias`
+  [1 or b, h, t, s] is added to the logits (T5's relative positions). Returns the output and the
+  keys and values attended over (the updated cache when decoding).
   """
   cfg: ModelConfig
   deterministic: bool = True
@@ -252,20 +257,23 @@ class Attention(nn.Module):
   def __call__(self, x: Array, mask: Array, positions: Array | None,
                kv_input: Array | None = None, cache: LayerCache | None = None,
                cache_index: Array | None = None, bias: Array | None = None,
-               ) -> tuple[Array, LayerCache | None]:
+               kv: LayerCache | None = None) -> tuple[Array, LayerCache]:
     c = self.cfg
     dense = functools.partial(linear, c)
-    kv_input = x if kv_input is None else kv_input
     q = dense((c.n_heads, c.head_dim), ('embed', 'heads', 'head_dim'), name='query')(x)
-    k = dense((c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), name='key')(kv_input)
-    v = dense((c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), name='value')(kv_input)
+    if kv is None:
+      kv_input = x if kv_input is None else kv_input
+      k = dense((c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), name='key')(kv_input)
+      v = dense((c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), name='value')(kv_input)
+    else:
+      k, v = kv
     if c.pos_encoding == 'rope' and positions is not None:
       q = apply_rope(q, positions, c.rope_theta)
       k = apply_rope(k, positions, c.rope_theta)
     if cache is not None:
       write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
                                                                    cache_index, axis=1)
-      k, v = cache = (write(cache[0], k), write(cache[1], v))
+      k, v = (write(cache[0], k), write(cache[1], v))
     q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
     k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
     v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
@@ -277,7 +285,7 @@ class Attention(nn.Module):
     out = nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
     out = dense((c.d_model,), ('heads', 'head_dim', 'embed'), n_in=2,
                 stddev=0.02 / math.sqrt(2 * c.n_layers), name='out')(out)
-    return out, cache
+    return out, (k, v)
 
 
 # ---- feed-forward ------------------------------------------------------------------------------
@@ -317,7 +325,8 @@ class Block(nn.Module):
   attention over the encoder output `encoded` [b, s, d] under `cross_mask` [b, 1, t, s], then MLP;
   each sublayer with norm and dropout, pre- or post-norm. `bias` goes to the self-attention logits.
 
-  Returns the new hidden states and the layer's updated KV cache (None when not decoding).
+  Returns the new hidden states and the layer's updated cache (None when not decoding); a
+  decoding cross layer projects `encoded` to keys and values once, when its cache has none yet.
   """
   cfg: ModelConfig
   deterministic: bool = True
@@ -326,9 +335,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array | None,
-               cache: LayerCache | None = None, cache_index: Array | None = None,
+               cache: BlockCache | None = None, cache_index: Array | None = None,
                bias: Array | None = None, encoded: Array | None = None,
-               cross_mask: Array | None = None) -> tuple[Array, LayerCache | None]:
+               cross_mask: Array | None = None) -> tuple[Array, BlockCache | None]:
     c = self.cfg
     drop = nn.Dropout(c.dropout, deterministic=self.deterministic)
     pre = c.norm_position == 'pre'
@@ -339,13 +348,17 @@ class Block(nn.Module):
     def residual(name: str, h: Array, y: Array) -> Array:  # post-norm: norm(h + y)
       return h + drop(y) if pre else norm(c, name)(h + drop(y))
 
-    y, cache = Attention(c, self.deterministic, self.causal, name='attn')(
-        sublayer_input('attn_norm', x), mask, positions, cache=cache, cache_index=cache_index,
+    decoding = cache is not None
+    self_cache, cross_kv = cache if decoding and self.cross else (cache, None)
+    y, self_cache = Attention(c, self.deterministic, self.causal, name='attn')(
+        sublayer_input('attn_norm', x), mask, positions, cache=self_cache, cache_index=cache_index,
         bias=bias)
     x = residual('attn_norm', x, y)
     if self.cross:
-      y, _ = Attention(c, self.deterministic, name='cross_attn')(
-          sublayer_input('cross_norm', x), cross_mask, None, kv_input=encoded)
+      y, cross_kv = Attention(c, self.deterministic, name='cross_attn')(
+          sublayer_input('cross_norm', x), cross_mask, None, kv_input=encoded, kv=cross_kv)
       x = residual('cross_norm', x, y)
     x = residual('mlp_norm', x, Mlp(c, name='mlp')(sublayer_input('mlp_norm', x)))
+    if decoding:
+      cache = (self_cache, cross_kv) if self.cross else self_cache
     return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), cache

@@ -13,6 +13,7 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.generate import Generation, generate
+from model.generate import generate_rows
 from model.sampling import Sampling
 from model.tokenizer import Tokenizer
 from model.transformer import build_model, mean_pool
@@ -111,13 +112,11 @@ class Pretrained:
     """Generate from token ids; each row ends at (and includes) its stop token."""
     stops = self.stop_ids if stop_ids is None else tuple(stop_ids)
     pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
-    out: Generation = generate(self.model, self.params, ids, max_new_tokens=max_new_tokens,
-                               rng=jax.random.PRNGKey(seed), sampling=sampling, stop_ids=stops,
-                               pad_id=pad)
-    tokens, logprobs, lengths = jax.device_get(tuple(out))
-    rows = [[int(t) for t in row[:n]] for row, n in zip(tokens, lengths)]
+    out = generate_rows(self.model, self.params, ids, max_new_tokens=max_new_tokens,
+                        rng=jax.random.PRNGKey(seed), sampling=sampling, stop_ids=stops, pad_id=pad)
+    rows = [row.tolist() for row in out.tokens]
     texts = None if self.tokenizer is None else [self.tokenizer.decode(r) for r in rows]
-    return Completions(texts, rows, [lp[:n] for lp, n in zip(logprobs, lengths)])
+    return Completions(texts, rows, out.logprobs)
 
   def encode(self, texts: str | Sequence[str], normalize: bool = False, batch_size: int = 32
              ) -> np.ndarray:
@@ -152,9 +151,16 @@ class Pretrained:
     return ([bos] if self.tokenizer.add_bos and bos is not None else []) + ids
 
   def export_hf(self, folder: str) -> None:
-    """Write a Hugging Face llama checkpoint (config.json + model.safetensors)."""
+    """Write a Hugging Face llama checkpoint (config.json + model.safetensors) and, for imported
+    tokenizers, the tokenizer files; a project tokenizer (byte, char, SentencePiece) has no
+    Hugging Face form, so only the weights are written and a one-line warning says so."""
     from model.convert.hf_llama import export_hf_llama
-    export_hf_llama(jax.device_get(self.params), self.config, folder)
+    from model.convert.tokenizer import TextTokenizer
+    hf_tokenizer = self.tokenizer if isinstance(self.tokenizer, TextTokenizer) else None
+    export_hf_llama(jax.device_get(self.params), self.config, folder, hf_tokenizer)
+    if self.tokenizer is not None and hf_tokenizer is None:
+      print(f'warning: the {type(self.tokenizer).__name__} has no Hugging Face form; {folder} '
+            'holds the weights only', file=sys.stderr)
 
   def _check_ids(self, ids: np.ndarray) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.layers import (Array, Block, LayerCache, Linear, RelativeBias, attention_mask, norm,
+from model.layers import (Array, Block, BlockCache, Linear, RelativeBias, attention_mask, norm,
                           param_init, sinusoidal_table)
 
 _SAVE_PROJ = jax.checkpoint_policies.save_only_these_names('proj')
@@ -52,7 +52,9 @@ class KVCache:
   occupy slots start[b]..index-1 and the slots before start[b] are padding that is masked out.
   `layers` matches the parameter layout: a tuple of per-layer (k, v) pairs, or one (k, v) pair
   stacked on a leading layer axis when scan_layers (each k, v: [b, length, kv_heads, head_dim]).
-  An encoder-decoder's cache also carries the encoder output, so decode steps never recompute it.
+  An encoder-decoder's cache also carries the encoder output, and each layer's entry is
+  ((k, v), cross (k, v)): the cross-attention keys and values over the encoder output [b, s, g, k],
+  None until the prefill projects them, then read by every decode step.
   """
   layers: Any
   index: Array  # [] int32: the slot the next token is written to
@@ -71,8 +73,10 @@ def init_cache(cfg: ModelConfig, start: Array, length: int, encoded: Encoded | N
   shape = (start.shape[0], length, cfg.n_kv_heads, cfg.head_dim)
   if cfg.scan_layers:
     shape = (cfg.decoder_layers, *shape)
+  cross = cfg.family == 'encoder_decoder'
   pair = lambda: (jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-  layers = pair() if cfg.scan_layers else tuple(pair() for _ in range(cfg.decoder_layers))
+  entry = lambda: (pair(), None) if cross else pair()
+  layers = entry() if cfg.scan_layers else tuple(entry() for _ in range(cfg.decoder_layers))
   return KVCache(layers, jnp.zeros((), jnp.int32), start.astype(jnp.int32), encoded)
 
 
@@ -85,9 +89,9 @@ class _ScanBlock(nn.Module):
   causal: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array, cache: LayerCache | None,
+  def __call__(self, x: Array, mask: Array, positions: Array, cache: BlockCache | None,
                cache_index: Array | None, bias: Array | None, encoded: Array | None,
-               cross_mask: Array | None) -> tuple[Array, LayerCache | None]:
+               cross_mask: Array | None) -> tuple[Array, BlockCache | None]:
     block = block_class(self.cfg)(self.cfg, self.deterministic, self.cross, self.causal,
                                   name='block')
     return block(x, mask, positions, cache, cache_index, bias, encoded, cross_mask)
@@ -167,7 +171,11 @@ class Decoder(nn.Module):
 
   def embed_tokens(self, tokens: Array, positions: Array) -> Array:
     c = self.cfg
-    x = self.embed(tokens)
+    # The table is gathered whole before the lookup (as FSDP gathers every weight before use):
+    # gathering rows of a table sharded over vocab (tensor) and embed (fsdp) into activations
+    # sharded over batch makes XLA's SPMD partitioner rematerialise it involuntarily.
+    table = nn.with_logical_constraint(self.embed.embedding.astype(c.compute_dtype), (None, None))
+    x = jnp.take(table, tokens, axis=0)
     if c.pos_encoding == 'learned':
       x = x + self.pos_embed(positions)
     elif c.pos_encoding == 'sinusoidal':

@@ -36,8 +36,23 @@ def matmul_params(cfg: ModelConfig) -> int:
   return cfg.n_layers * (attn + mlp) + decoder + cfg.d_model * cfg.vocab_size
 
 
+def adapter_params(cfg: ModelConfig) -> int:
+  """LoRA parameters per token: rank · (fan-in + fan-out) for each targeted projection of each
+  layer (an encoder-decoder's cross-attention projections carry adapters too)."""
+  d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+  sizes = {'query': d + q, 'key': d + kv, 'value': d + kv, 'out': q + d, 'gate': d + f,
+           'up': d + f, 'down': f + d}
+  attn = sum(sizes[t] for t in ('query', 'key', 'value', 'out') if t in cfg.lora_targets)
+  mlp = sum(sizes[t] for t in ('gate', 'up', 'down') if t in cfg.lora_targets)  # gate: swiglu only
+  decoder = cfg.decoder_layers * (2 * attn + mlp) if cfg.family == 'encoder_decoder' else 0
+  return cfg.lora_rank * (cfg.n_layers * (attn + mlp) + decoder)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
   """Training FLOPs per token = 6·N_matmul + 12·L·T·(h·k) (PaLM, appendix B).
+
+  Under LoRA the frozen base computes no weight gradients, only the forward and the activation
+  gradient (4·N_matmul), while the adapters train in full (6·N_adapter).
 
   The attention term (QK^T and AV, forward and backward) is halved for causal masks, since half
   of the score matrix is masked out; kernels that skip it do half the work. An encoder-decoder
@@ -45,10 +60,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> floa
   targets are shorter): bidirectional encoder, causal decoder self-attention, full cross-attention.
   """
   per_layer = 12 * seq_len * cfg.n_heads * cfg.head_dim
+  weights = (4 if cfg.lora_rank else 6) * matmul_params(cfg) + 6 * adapter_params(cfg)
   if cfg.family == 'encoder_decoder':
-    return 6 * matmul_params(cfg) + per_layer * (cfg.n_layers + 1.5 * cfg.decoder_layers)
+    return weights + per_layer * (cfg.n_layers + 1.5 * cfg.decoder_layers)
   attention = cfg.n_layers * per_layer
-  return 6 * matmul_params(cfg) + (attention / 2 if causal else attention)
+  return weights + (attention / 2 if causal else attention)
 
 
 def _cpu_cache_path() -> str:

@@ -8,13 +8,16 @@ rotate-half in both, so Q and K map without any permutation (GGUF files need one
 import glob
 import json
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from model.config import ModelConfig
 from model.errors import UserError
 from model.jsonio import read_json
+
+if TYPE_CHECKING:
+  from model.convert.tokenizer import TextTokenizer
 
 Params = dict[str, Any]
 WEIGHTS_FILE = 'model.safetensors'
@@ -206,8 +209,10 @@ def load_hf_llama(folder: str) -> tuple[ModelConfig, Params]:
   return cfg, params_from_hf(read_safetensors(folder), cfg, folder)
 
 
-def export_hf_llama(params: Params, cfg: ModelConfig, folder: str) -> None:
-  """Write config.json + model.safetensors that transformers opens as a LlamaForCausalLM."""
+def export_hf_llama(params: Params, cfg: ModelConfig, folder: str,
+                    tokenizer: 'TextTokenizer | None' = None) -> None:
+  """Write config.json + model.safetensors that transformers opens as a LlamaForCausalLM, and the
+  files AutoTokenizer opens for `tokenizer` (an imported GGUF or Hugging Face tokenizer)."""
   from safetensors.numpy import save_file
   config = hf_llama_config(cfg)
   tensors = hf_from_params(params, cfg)
@@ -215,3 +220,5 @@ def export_hf_llama(params: Params, cfg: ModelConfig, folder: str) -> None:
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2, sort_keys=True)
   save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={'format': 'pt'})
+  if tokenizer is not None:
+    tokenizer.save_hf(folder)

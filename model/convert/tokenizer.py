@@ -7,6 +7,7 @@ transformers and llama.cpp do: byte-level BPE for 'gpt2' vocabularies, SentenceP
 byte fallback for 'llama' ones. Control tokens (<|im_start|>, ...) stay whole in encoded text.
 """
 import functools
+import json
 import os
 from typing import Any, Sequence
 
@@ -65,6 +66,17 @@ class TextTokenizer:
 
   def token(self, token_id: int | None) -> str:
     return '' if token_id is None else (self._tok.id_to_token(token_id) or '')
+
+  def save_hf(self, folder: str) -> None:
+    """tokenizer.json and tokenizer_config.json, which transformers' AutoTokenizer opens as this
+    tokenizer (same ids, special tokens and chat template)."""
+    self._tok.save(os.path.join(folder, 'tokenizer.json'))
+    names = {f'{k}_token': self.token(i) for k, i in (('bos', self.bos_id), ('eos', self.eos_id),
+                                                       ('pad', self.pad_id)) if i is not None}
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_bos_token': self.add_bos,
+              'chat_template': self.chat_template, 'clean_up_tokenization_spaces': False, **names}
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
 
   def apply_chat_template(self, messages: Sequence[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:

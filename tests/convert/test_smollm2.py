@@ -44,3 +44,32 @@ def test_chat_stage_answers_paris(capsys):
   cfg.sample.prompt = QUESTION[0]['content']
   chat_stage(cfg, workdir='')
   assert 'Paris' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_hf_export_writes_a_tokenizer_transformers_loads(smollm2, tmp_path, monkeypatch):
+  """export_hf writes the tokenizer beside the weights (a tiny random model with SmolLM2's
+  tokenizer, to keep the files small): AutoTokenizer opens the folder offline and encodes text,
+  chat markup included, to our ids, with the same special tokens and chat template."""
+  import dataclasses
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from transformers import AutoTokenizer
+
+  from model.pretrained import Pretrained
+  from model.transformer import build_model
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  cfg = dataclasses.replace(smollm2.config, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1,
+                            head_dim=8, d_ff=32)
+  params = nn.meta.unbox(build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+  Pretrained(cfg, params['params'], smollm2.tokenizer, 'tiny').export_hf(str(tmp_path))
+  tok = AutoTokenizer.from_pretrained(str(tmp_path))
+  ours = smollm2.tokenizer
+  text = ours.apply_chat_template(QUESTION)
+  assert tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True) == text
+  for s in [text, 'Numbers 12345 and   spaces\n\ttabs, émigré 東京!']:
+    assert tok(s, add_special_tokens=False).input_ids == ours.encode(s)
+  assert (tok.eos_token_id, tok.bos_token_id) == (ours.eos_id, ours.bos_id)
+  assert tok.decode(ours.encode(text), skip_special_tokens=True) == ours.decode(ours.encode(text))

@@ -10,10 +10,10 @@ from jax.sharding import AxisType
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.generate import generate
+from model.generate import generate, generate_rows
 from model.sampling import Sampling
 from model.transformer import build_model, init_cache
-from train.mesh import LOGICAL_RULES
+from train.mesh import LOGICAL_RULES, mesh_rules
 
 PROMPTS = [[1, 5, 7], [2, 3, 4, 5, 6, 9, 11, 12, 3, 8], [4]]  # different lengths: left padding
 GREEDY = Sampling(temperature=0.0)
@@ -136,7 +136,7 @@ def test_sharded_generation_matches_single_device():
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
   boxed = jax.eval_shape(lambda: build_model(cfg).init(jax.random.PRNGKey(0),
                                                        jnp.zeros((1, 8), jnp.int32))['params'])
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  with mesh_rules(mesh):
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
     sharded = jax.device_put(params, shardings)
     assert len(sharded['blocks']['layers_0']['mlp']['up']['kernel'].sharding.device_set) == 8
@@ -151,3 +151,44 @@ def test_xla_attention_path_generates_the_same():
   run = lambda c: np.asarray(generate(build_model(c), params, PROMPTS, max_new_tokens=6,
                                       rng=jax.random.PRNGKey(0), sampling=GREEDY).logprobs)
   np.testing.assert_allclose(run(dataclasses.replace(cfg, attention='xla')), run(cfg), atol=1e-5)
+
+
+@pytest.mark.parametrize('family, encoder_inputs, words', [
+    ('encoder', None, 'family=encoder'),
+    ('encoder_decoder', None, 'encoder_inputs'),
+    ('decoder', [[5, 6]] * 3, 'encoder_inputs')])
+def test_family_mismatch_is_a_one_line_error(family, encoder_inputs, words):
+  """An encoder-only model cannot continue text; an encoder-decoder needs encoder inputs and a
+  decoder takes none: each is one line naming the problem, not a shape error deep in the model."""
+  cfg = ModelConfig(vocab_size=64, family=family, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
+                    head_dim=8, d_ff=64, max_len=48, pos_encoding='learned')
+  params = nn.meta.unbox(build_model(cfg).init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 8), jnp.int32))['params'])
+  with pytest.raises(UserError) as e:
+    generate(build_model(cfg), params, PROMPTS, max_new_tokens=4, rng=jax.random.PRNGKey(0),
+             encoder_inputs=encoder_inputs)
+  assert words in str(e.value) and '\n' not in str(e.value)
+
+
+def test_generate_rows_equals_chunked_generate_cut_at_lengths():
+  """The host-rows helper is the loop the stages had: chunks of generate with the same key (or
+  the key folded with each chunk's first prompt index), each row cut at its length."""
+  cfg, params = tiny()
+  model = build_model(cfg)
+  prompts = PROMPTS * 3
+  sampling, stops = Sampling(temperature=1.0), tuple(range(0, 64, 4))  # stops often
+  for fold in (False, True):
+    rows = generate_rows(model, params, prompts, max_new_tokens=6, rng=jax.random.PRNGKey(5),
+                         chunk_size=4, fold_chunk_start=fold, sampling=sampling, stop_ids=stops)
+    expected_tokens, expected_logprobs = [], []
+    for i in range(0, len(prompts), 4):
+      key = jax.random.fold_in(jax.random.PRNGKey(5), i) if fold else jax.random.PRNGKey(5)
+      out = generate(model, params, prompts[i:i + 4], max_new_tokens=6, rng=key,
+                     sampling=sampling, stop_ids=stops)
+      for t, lp, n in zip(np.asarray(out.tokens), np.asarray(out.logprobs), np.asarray(out.lengths)):
+        expected_tokens.append(t[:n].tolist())
+        expected_logprobs.append(lp[:n])
+    assert [r.tolist() for r in rows.tokens] == expected_tokens
+    assert any(len(r) < 6 for r in expected_tokens)  # some rows stopped early: cuts differ
+    for got, want in zip(rows.logprobs, expected_logprobs):
+      np.testing.assert_array_equal(got, want)

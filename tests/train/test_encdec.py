@@ -124,6 +124,29 @@ def test_kv_cache_decoding_matches_full_forward(scan):
     assert np.abs(got - full[b, :len(prompt) + steps]).max() <= 1e-5
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_decode_steps_read_cross_attention_keys_from_the_cache(scan):
+  """The prefill projects the encoder output to every decoder layer's cross-attention keys and
+  values once and stores them in the cache; decode steps read them there, so a step whose cached
+  encoder output is wiped (zeros) gives the same logits as with it, bit for bit."""
+  cfg, model, params = model_and_params(scan_layers=scan)
+  if scan:
+    params = stacked(model_and_params()[2], cfg)
+  enc = jnp.asarray([[5, 9, 11, 3, 2, 0]])
+  encoded = model.apply({'params': params}, enc, segment_ids=(enc > 0).astype(jnp.int32),
+                        method='encode')
+  decode = jax.jit(lambda tok, pos, cache: model.apply({'params': params}, tok, pos, cache,
+                                                       method='decode'))
+  start = jnp.zeros((1,), jnp.int32)
+  _, cache = decode(jnp.asarray([[1, 7]]), jnp.asarray([[0, 1]]), init_cache(cfg, start, 8, encoded))
+  keys = jax.tree.leaves(cache.layers)
+  assert len(keys) == 4 * (1 if scan else cfg.decoder_layers)  # self and cross (k, v) per layer
+  assert any(k.shape[-3] == enc.shape[1] for k in keys)        # cross keys span the encoder rows
+  step = lambda c: np.asarray(decode(jnp.asarray([[9]]), jnp.asarray([[2]]), c)[0])
+  wiped = cache.replace(encoded=cache.encoded.replace(hidden=jnp.zeros_like(encoded.hidden)))
+  np.testing.assert_array_equal(step(wiped), step(cache))
+
+
 def rows_padded(rows: list[list[int]]) -> list[list[int]]:
   width = max(map(len, rows))
   return [r + [0] * (width - len(r)) for r in rows]
@@ -142,6 +165,25 @@ def test_greedy_generation_matches_full_forward():
   seg = jnp.asarray([[1] * len(s) + [0] * (enc.shape[1] - len(s)) for s in sources])
   dec = jnp.concatenate([jnp.ones((3, 1), jnp.int32), jnp.asarray(tokens[:, :-1])], 1)
   full = model.apply({'params': params}, enc, dec, encoder_segment_ids=seg)
+  np.testing.assert_array_equal(np.asarray(full.argmax(-1)), tokens)
+
+
+def test_default_context_holds_the_whole_decoder_row():
+  """The decoder trains on [BOS] + seq_len - 1 target tokens and predicts seq_len (target + EOS).
+  The default context is train.seq_len as for every family (a learned table of seq_len rows), and
+  greedy generation still emits all seq_len tokens, each the argmax of the full forward."""
+  cfg = model_config(encdec_config(pos_encoding='learned').model, VOCAB, S)
+  assert cfg.max_len == S
+  model = build_model(cfg)
+  boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, S), jnp.int32))['params']
+  params = jax.tree.map(lambda x: x * 3, nn.meta.unbox(boxed))
+  assert params['pos_embed']['embedding'].shape[0] == S
+  out = generate(model, params, [[1]], encoder_inputs=[[5, 9, 11, 3, 2]], max_new_tokens=S + 4,
+                 rng=jax.random.PRNGKey(0), sampling=Sampling(temperature=0.0))
+  tokens = np.asarray(out.tokens)
+  assert tokens.shape == (1, S) and out.lengths.tolist() == [S]
+  dec = jnp.concatenate([jnp.ones((1, 1), jnp.int32), jnp.asarray(tokens[:, :-1])], 1)
+  full = model.apply({'params': params}, jnp.asarray([[5, 9, 11, 3, 2]]), dec)
   np.testing.assert_array_equal(np.asarray(full.argmax(-1)), tokens)
 
 

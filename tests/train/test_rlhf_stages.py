@@ -17,8 +17,8 @@ from model.heads import build_scalar_model, lm_backbone
 from model.transformer import build_model
 from tests.helpers import tiny_config
 from train.loop import init_trainer
-from train.mesh import mesh_rules
-from train.stages.rl_loop import RlRun, collect, train_rl
+from train.mesh import global_batch, mesh_rules
+from train.stages.rl_loop import RlRun, collect, train_rl, train_steps, update
 from train.stages import STAGES
 from train.stages.rollouts import reference_variables, rollout_rows, token_logprobs_of
 
@@ -85,6 +85,34 @@ def assert_first_step_kl_is_zero(run: RlRun) -> None:
 def test_kl_is_exactly_zero_at_the_first_ppo_step():
   cfg = rl_config()
   assert_first_step_kl_is_zero(tiny_run(cfg, base_params(cfg)))
+
+
+def test_ppo_update_fetches_metrics_once_per_iteration(monkeypatch):
+  """rlhf.epochs x minibatches of actor and critic steps, one device_get for all their metrics;
+  the means equal those of fetching after every step (from the same start)."""
+  cfg = rl_config()
+  params = base_params(cfg)
+  run = tiny_run(cfg, params)
+  batch, _ = collect(run, RandomPrompts().draw(32, 0), 4 + 8, seed=0, beta=0.1)
+  steps = train_steps(run)
+  calls = []
+  fetch = jax.device_get
+  monkeypatch.setattr(jax, 'device_get', lambda x: calls.append(1) or fetch(x))
+  means = update(run, steps, batch, seed=3)
+  monkeypatch.undo()
+  assert len(calls) == 1 and len(means) > 4 and 'critic_loss' in means
+  fresh = tiny_run(cfg, params)  # the same start (the steps donated the first run's buffers)
+  rng, key, totals = np.random.default_rng(3), jax.random.PRNGKey(3), {}
+  for _ in range(cfg.rlhf.epochs):
+    order = rng.permutation(len(batch['tokens']))
+    for i in range(0, len(order), cfg.train.batch_size):
+      mini = {k: v[order[i:i + cfg.train.batch_size]] for k, v in batch.items()}
+      for trainer, step, prefix in ((fresh.policy, steps[0], 'actor_'), (fresh.critic, steps[1], 'critic_')):
+        with mesh_rules(trainer.mesh):
+          trainer.state, m = step(trainer.state, global_batch(mini, trainer.mesh), key)
+        for k, v in jax.device_get(m).items():
+          totals.setdefault(prefix + k, []).append(float(v))
+  assert means == {k: float(np.mean(v)) for k, v in totals.items()}
 
 
 def test_lora_reference_is_the_base_with_the_adapter_off():

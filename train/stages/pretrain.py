@@ -8,7 +8,7 @@ from data.pipeline import Dataset, build_dataset
 from data.seq2seq import Seq2SeqDataset, build_seq2seq_dataset
 from data.tokenizer import load_tokenizer
 from model.errors import UserError
-from model.generate import generate
+from model.generate import generate_rows
 from model.sampling import Sampling
 from model.tokenizer import Tokenizer
 from train import checkpoint
@@ -23,12 +23,11 @@ def print_samples(trainer: Trainer, tokenizer: Tokenizer, s: ConfigDict) -> list
   """Complete `sample.prompt` (after BOS, as documents start in training) and print each sample."""
   prompt = [tokenizer.bos_id] + tokenizer.encode(s.prompt)
   with mesh_rules(trainer.mesh):
-    out = generate(trainer.eval_model, trainer.state.params, [prompt] * s.num_samples,
-                   max_new_tokens=s.max_new_tokens, rng=jax.random.PRNGKey(s.seed),
-                   sampling=Sampling(s.temperature, s.top_k, s.top_p, s.min_p),
-                   stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-  tokens, lengths = jax.device_get((out.tokens, out.lengths))
-  texts = [s.prompt + tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
+    rows = generate_rows(trainer.eval_model, trainer.state.params, [prompt] * s.num_samples,
+                         max_new_tokens=s.max_new_tokens, rng=jax.random.PRNGKey(s.seed),
+                         sampling=Sampling(s.temperature, s.top_k, s.top_p, s.min_p),
+                         stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id).tokens
+  texts = [s.prompt + tokenizer.decode(row) for row in rows]
   for i, text in enumerate(texts):
     print(f'--- sample {i} ---\n{text}', flush=True)
   return texts

@@ -21,6 +21,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -122,7 +123,7 @@ def update(run: RlRun, steps: tuple[Callable, Callable | None], batch: Rows, see
   rng, key = np.random.default_rng(seed), jax.random.PRNGKey(seed)
   roles = [(t, step, name) for t, step, name in zip((run.policy, run.critic), steps,
                                                      ('actor_', 'critic_')) if step is not None]
-  totals: dict[str, list[float]] = {}
+  totals: dict[str, list[jax.Array]] = {}
   for _ in range(run.r.epochs):
     order = rng.permutation(n)
     for start in range(0, n, size):
@@ -130,9 +131,11 @@ def update(run: RlRun, steps: tuple[Callable, Callable | None], batch: Rows, see
       for trainer, step, prefix in roles:
         with mesh_rules(trainer.mesh):
           trainer.state, m = step(trainer.state, global_batch(mini, trainer.mesh), key)
-        for k, v in jax.device_get(m).items():
-          totals.setdefault(prefix + k, []).append(float(v))
-  return {k: float(np.mean(v)) for k, v in totals.items()}
+        for k, v in m.items():
+          totals.setdefault(prefix + k, []).append(v)
+  # One fetch per iteration (the steps stay queued on the device), stacked per metric.
+  fetched = jax.device_get({k: jnp.stack(v) for k, v in totals.items()})
+  return {k: float(np.mean([float(x) for x in v])) for k, v in fetched.items()}
 
 
 def train_steps(run: RlRun) -> tuple[Callable, Callable | None]:

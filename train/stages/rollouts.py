@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 from data.pairs import hh_pairs, prompts_of
 from data.preferences import ChainTask, chain_task
 from model.errors import UserError
-from model.generate import generate
+from model.generate import generate_rows
 from model.lora import merged_params
 from model.sampling import Sampling
 from train.rl.ppo import join_rollout
@@ -40,15 +40,13 @@ def sample(model: nn.Module, params: Any, prompts: list[np.ndarray] | np.ndarray
            temperature: float, seed: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Responses to `prompts`: tokens [n, max_new] (EOS included where emitted, pad after) and
   lengths [n], generated in chunks of SAMPLE_CHUNK prompts."""
-  tokens, lengths = [], []
-  for i in range(0, len(prompts), SAMPLE_CHUNK):
-    out = generate(model, params, [list(p) for p in prompts[i:i + SAMPLE_CHUNK]],
-                   max_new_tokens=max_new, rng=jax.random.fold_in(jax.random.PRNGKey(seed), i),
-                   sampling=Sampling(temperature), stop_ids=(eos_id,), pad_id=pad_id)
-    t, n = jax.device_get((out.tokens, out.lengths))
-    tokens.append(np.pad(t, ((0, 0), (0, max_new - t.shape[1])), constant_values=pad_id))
-    lengths.append(n)
-  return np.concatenate(tokens), np.concatenate(lengths)
+  rows = generate_rows(model, params, [list(p) for p in prompts], max_new_tokens=max_new,
+                       rng=jax.random.PRNGKey(seed), chunk_size=SAMPLE_CHUNK, fold_chunk_start=True,
+                       sampling=Sampling(temperature), stop_ids=(eos_id,), pad_id=pad_id).tokens
+  tokens = np.full((len(rows), max_new), pad_id, np.int32)
+  for out, row in zip(tokens, rows):
+    out[:len(row)] = row
+  return tokens, np.array([len(row) for row in rows], np.int32)
 
 
 def sampler(model: nn.Module, params: Any, max_new: int, temperature: float, eos_id: int,

@@ -6,7 +6,7 @@ import jax
 from ml_collections import ConfigDict
 
 from data.seq2seq import Example, Seq2SeqDataset, encoder_tokens
-from model.generate import generate
+from model.generate import generate_rows
 from model.sampling import Sampling
 from train.mesh import mesh_rules
 from train.metrics import MetricWriter
@@ -22,13 +22,13 @@ def exact_match(trainer: Trainer, examples: Sequence[Example], tokenizer, seq_le
   with mesh_rules(trainer.mesh):
     for i in range(0, len(examples), batch_size):
       chunk = examples[i:i + batch_size]
-      out = generate(trainer.eval_model, trainer.state.params, [[bos]] * len(chunk),
-                     encoder_inputs=[encoder_tokens(x, eos, seq_len) for x, _ in chunk],
-                     max_new_tokens=max(len(y) for _, y in chunk) + 1, rng=jax.random.PRNGKey(0),
-                     sampling=Sampling(temperature=0.0), stop_ids=(eos,), pad_id=tokenizer.pad_id)
-      tokens, lengths = jax.device_get((out.tokens, out.lengths))
-      hits += sum(row[:n].tolist() == [*y.tolist(), eos]
-                  for row, n, (_, y) in zip(tokens, lengths, chunk))
+      # Each chunk generates only as far as its longest target (+ EOS), so one call per chunk.
+      rows = generate_rows(trainer.eval_model, trainer.state.params, [[bos]] * len(chunk),
+                           encoder_inputs=[encoder_tokens(x, eos, seq_len) for x, _ in chunk],
+                           max_new_tokens=max(len(y) for _, y in chunk) + 1,
+                           rng=jax.random.PRNGKey(0), sampling=Sampling(temperature=0.0),
+                           stop_ids=(eos,), pad_id=tokenizer.pad_id).tokens
+      hits += sum(row.tolist() == [*y.tolist(), eos] for row, (_, y) in zip(rows, chunk))
   return hits / len(examples) if len(examples) else float('nan')
 
 

@@ -28,7 +28,7 @@ from data.rows import TrainData
 from data.sft import SftDataset, build_sft_dataset, build_text_dataset, render, resolve_template
 from model.config import ModelConfig
 from model.errors import UserError
-from model.generate import generate
+from model.generate import generate_rows
 from model.heads import build_classifier, lm_backbone
 from model.lora import count_params
 from model.pretrained import Pretrained, load_pretrained
@@ -66,17 +66,12 @@ def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[
     return []
   stops = tuple(tokenizer.stop_ids)
   params = inference_params(trainer)
-  texts = []
   with mesh_rules(trainer.mesh):
-    for i in range(0, len(prompts), batch_size):
-      out = generate(trainer.eval_model, params, prompts[i:i + batch_size],
-                     max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(0),
-                     sampling=Sampling(0.0), stop_ids=stops, pad_id=tokenizer.pad_id)
-      tokens, lengths = jax.device_get((out.tokens, out.lengths))
-      for row, n in zip(tokens, lengths):
-        ids = [int(t) for t in row[:n]]
-        texts.append(tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids))
-  return texts
+    rows = generate_rows(trainer.eval_model, params, prompts, max_new_tokens=max_new_tokens,
+                         rng=jax.random.PRNGKey(0), chunk_size=batch_size, sampling=Sampling(0.0),
+                         stop_ids=stops, pad_id=tokenizer.pad_id).tokens
+  ids = [row.tolist() for row in rows]
+  return [tokenizer.decode(r[:-1] if r and r[-1] in stops else r) for r in ids]
 
 
 def prompt_ids(tokenizer: Any, question: str, template: str) -> list[int]:
