@@ -169,15 +169,8 @@ def _plan_jsonl(pattern: str, field: str, fraction: float, errors: str, block_by
 
 def _plan_tfds(rest: str, fraction: float, data_dir: str) -> Plan:
   """Record ranges of a prepared TFDS dataset: its validation (or test) split is eval when present."""
-  import tensorflow_datasets as tfds  # here, so only tfds sources pay for the import
   name, field = sources._parse_tfds(rest)
-  try:
-    splits = tfds.builder(name, data_dir=data_dir or None).info.splits
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f"tfds dataset {name!r} not found; check the name or data.data_dir") from None
-  if 'train' not in splits:
-    raise UserError(f"tfds dataset {name!r} has no prepared 'train' split under data.data_dir "
-                    f"{data_dir or '(default)'}; prepare it (tfds build) or fix data.data_dir")
+  splits = sources.tfds_splits(name, data_dir)
   eval_split = next((s for s in ('validation', 'test') if s in splits), None)
 
   def ranges(split: str, held_out: bool | None) -> list[Block]:

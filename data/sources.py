@@ -138,10 +138,10 @@ def _jsonl_field(path: str, field: str) -> list[str]:
   return docs
 
 
-def _tfds(rest: str, data_dir: str, fraction: float) -> Source:
-  """A prepared TFDS dataset: 'train' plus 'validation' (or 'test'), else eval carved from train."""
+def tfds_splits(name: str, data_dir: str) -> dict:
+  """The prepared splits of a TFDS dataset (read from its metadata, no download); it must have
+  'train'. Errors name the dataset and data.data_dir."""
   import tensorflow_datasets as tfds  # here, so only tfds sources pay for the import
-  name, field = _parse_tfds(rest)
   try:
     splits = tfds.builder(name, data_dir=data_dir or None).info.splits
   except tfds.core.registered.DatasetNotFoundError:
@@ -149,6 +149,14 @@ def _tfds(rest: str, data_dir: str, fraction: float) -> Source:
   if 'train' not in splits:
     raise UserError(f"tfds dataset {name!r} has no prepared 'train' split under data.data_dir "
                     f"{data_dir or '(default)'}; prepare it (tfds build) or fix data.data_dir")
+  return splits
+
+
+def _tfds(rest: str, data_dir: str, fraction: float) -> Source:
+  """A prepared TFDS dataset: 'train' plus 'validation' (or 'test'), else eval carved from train."""
+  import tensorflow_datasets as tfds  # here, so only tfds sources pay for the import
+  name, field = _parse_tfds(rest)
+  splits = tfds_splits(name, data_dir)
   train = _tfds_field(tfds.data_source(name, split='train', data_dir=data_dir or None, download=False),
                       name, 'train', field)
   eval_split = next((s for s in ('validation', 'test') if s in splits), None)
