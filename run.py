@@ -3,6 +3,7 @@ import contextlib
 import errno
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -77,12 +78,22 @@ def main(argv: list[str]) -> None:
         write_config(workdir, cfg)
       STAGES[cfg.stage](cfg, workdir)
   except UserError as e:
-    sys.exit(f'error: {e}')
+    fail(str(e))
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
       raise
-    sys.exit(f'error: the disk is full (writing {e.filename or workdir}); committed checkpoints are '
-             'intact: free space and rerun the same command to resume')
+    fail(f'the disk is full (writing {e.filename or workdir}); committed checkpoints are intact: '
+         'free space and rerun the same command to resume')
+
+
+def fail(message: str) -> NoReturn:
+  """One `error:` line and exit 1 at once: the background threads of a failed run (orbax's async
+  saver, TensorBoard's writer) must not print their own teardown tracebacks after it. Whatever
+  was committed is on disk already; an uncommitted save is invisible (orbax renames on commit)."""
+  sys.stdout.flush()
+  sys.stderr.write(f'error: {message}\n')
+  sys.stderr.flush()
+  os._exit(1)
 
 
 if __name__ == '__main__':

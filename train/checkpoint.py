@@ -65,11 +65,10 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 
 def finish(manager: ocp.CheckpointManager) -> None:
-  """`wait`, then close the manager."""
-  try:
-    wait(manager)
-  finally:
-    manager.close()
+  """`wait`, then close the manager. After a failed save it stays open: closing would cancel
+  orbax's dead save threads, which print tracebacks under the one-line error (run.py exits next)."""
+  wait(manager)
+  manager.close()
 
 
 def save_failed(manager: ocp.CheckpointManager, e: Exception) -> UserError:
