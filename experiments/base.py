@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                      # model init, dropout and data order
-  c.stage = 'pretrain'            # pretrain | sample | chat | sweep | scaling | sft | reward | ppo | grpo | dpo
+  c.stage = 'pretrain'            # pretrain | sample | chat | eval | sweep | scaling | sft | reward | ppo | grpo | dpo
 
   # ---- model ---------------------------------------------------------------------------------
   m = c.model = ConfigDict()
@@ -100,6 +100,12 @@ def get_config() -> ConfigDict:
   e.every_steps = 200             # 0 = only at the end
   e.max_batches = 0               # 0 = the full held-out split
   e.batch_size = 0                # 0 = train.batch_size
+  e.tasks = ''                    # task suite run at every eval and by stage=eval: 'NAME=KIND:ARG,...' (train/eval/tasks.py)
+  e.task_examples = 0             # items (documents, questions) read per task (0 = all)
+  e.task_batch_size = 16          # rows per scoring or generation call of the task suite
+  e.max_new_tokens = 256          # gsm8k/generate tasks: longest reply
+  e.temperature = 0.0             # gsm8k/generate tasks: 0 = greedy
+  e.template = 'auto'             # gsm8k tasks: chat template, as sft.template (auto | model | default)
 
   # ---- checkpoints ---------------------------------------------------------------------------
   k = c.checkpoint = ConfigDict()
@@ -157,7 +163,7 @@ def get_config() -> ConfigDict:
   g.bootstrap = 200               # resamples (runs drawn within each budget) for the 90% intervals
 
   # ---- inference and interop (stage=chat); see model/pretrained.py ------------------------------
-  c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME
+  c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME (stage=eval: the model evaluated)
 
   # ---- supervised fine-tuning data (stage=sft); see data/formats.py and data/sft.py --------------
   f = c.sft = ConfigDict()
