@@ -161,6 +161,7 @@ def get_config() -> ConfigDict:
   g.max_batch = 8                 # on CPU, bigger batches fall out of cache and cost more per token
   g.warmup_fraction = 0.05        # warmup steps as a share of each run (a fixed warmup swamps small runs)
   g.bootstrap = 200               # resamples (runs drawn within each budget) for the 90% intervals
+  g.metric = 'eval_loss'          # final metric the laws are fitted to, e.g. eval/NAME/bpb (lower = better)
 
   # ---- inference and interop (stage=chat); see model/pretrained.py ------------------------------
   c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME (stage=eval: the model evaluated)
