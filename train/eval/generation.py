@@ -49,9 +49,11 @@ class Generator:
   def replies(self, tokenizer: Any, prompts: Sequence[Sequence[int]]) -> list[str]:
     """Completions decoded without their stop token, `batch_size` prompts per generate call (the
     SFT stage's batching, so greedy replies match it token for token). A prompt longer than the
-    context less `max_new_tokens` keeps its last tokens, as in lm-eval."""
+    context less `max_new_tokens` keeps its last tokens, as in lm-eval (but at least half the
+    context: a small model's reply is cut at its context instead)."""
     stops = tuple(getattr(tokenizer, 'stop_ids', (tokenizer.eos_id,)))
-    keep = max(self.model.cfg.max_len - self.max_new_tokens, 1)  # lm-eval's left truncation
+    n = self.model.cfg.max_len
+    keep = max(n - self.max_new_tokens, n // 2)  # lm-eval's left truncation, half the context at least
     self.truncated += sum(len(p) > keep for p in prompts)
     prompts = [p[-keep:] for p in prompts]
     texts = []

@@ -64,7 +64,7 @@ class Scorer:
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     for chunk in self._chunks(order, rows):
-      width = bucket(max(len(rows[i][0]) for i in chunk))
+      width = self._width(len(rows[chunk[0]][0]))
       n = self._rows_per_call(width)
       inputs, targets = np.zeros((2, n, width), np.int32)
       mask = np.zeros((n, width), bool)
@@ -108,6 +108,10 @@ class Scorer:
       seq = seq[-(self.max_len + 1):]
     return seq, min(len(continuation), len(seq) - 1)
 
+  def _width(self, n_tokens: int) -> int:
+    """The padded input width of a row of n_tokens (its inputs are all but the last token)."""
+    return min(bucket(n_tokens - 1), self.max_len)
+
   def _rows_per_call(self, width: int) -> int:
     split = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
     n = max(1, min(self.batch_size, self.max_tokens // width))
@@ -117,7 +121,7 @@ class Scorer:
     """Consecutive requests (longest first) that share one call's width and row count."""
     i = 0
     while i < len(order):
-      n = self._rows_per_call(bucket(len(rows[order[i]][0])))
+      n = self._rows_per_call(self._width(len(rows[order[i]][0])))
       yield order[i:i + n]
       i += n
 

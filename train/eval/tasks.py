@@ -66,9 +66,6 @@ class Suite:
   def run(self, scorer: Scorer, generator: Generator) -> Results:
     return {name: fn(scorer, generator) for name, fn in self.tasks}
 
-  def __bool__(self) -> bool:
-    return bool(self.tasks)
-
 
 def build_suite(cfg_eval: ConfigDict, tokenizer: Any, cfg_synthetic: ConfigDict | None = None
                 ) -> Suite:
