@@ -27,9 +27,10 @@ def score_rows(variables: Any, inputs: jax.Array, targets: jax.Array, mask: jax.
                model: nn.Module) -> tuple[jax.Array, jax.Array]:
   """Per row: the sum of log p(target) over masked positions, and whether every masked target is
   the argmax (greedy). inputs, targets, mask: [b, t]."""
-  logits = model.apply(variables, inputs)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  logits = model.apply(variables, inputs).astype(jnp.float32)
+  # the target's logit less the log-normaliser: no second [b, t, vocab] array beside the logits
+  token_logp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+                - jax.nn.logsumexp(logits, axis=-1))
   greedy = (jnp.argmax(logits, axis=-1) == targets) | ~mask
   return jnp.sum(jnp.where(mask, token_logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
 
@@ -46,12 +47,13 @@ def shard_params(model: nn.Module, params: Any, mesh: jax.sharding.Mesh) -> Any:
 class Scorer:
   """Scores requests with `model` (deterministic) and its `variables` ({'params': ..., and 'lora'
   under adapters}) on `mesh`. `batch_size` rows per call (rounded to the mesh's batch split), at
-  most `max_tokens` tokens per call so long windows do not blow up the [b, t, vocab] logits."""
+  most `max_tokens` tokens per call so long windows do not blow up the [b, t, vocab] logits (4096
+tokens of a 49k vocabulary: 0.8 GB)."""
   model: nn.Module
   variables: Any
   mesh: jax.sharding.Mesh
   batch_size: int = 16
-  max_tokens: int = 16384
+  max_tokens: int = 4096
   truncated: int = 0  # requests whose context was cut from the left so far
 
   @property
