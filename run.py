@@ -68,6 +68,9 @@ def main(argv: list[str]) -> None:
           raise UserError(f'--config.model.{ignored[0]} cannot change the architecture of '
                           f'config.pretrained={cfg.pretrained!r}; only model.{{{",".join(COMPUTE_FIELDS)}}} '
                           'apply when fine-tuning')
+      if cfg.stage == 'eval' and workdir and os.path.abspath(cfg.pretrained) == os.path.abspath(workdir):
+        raise UserError('stage=eval writes its config and eval_results.json to --workdir; give it a '
+                        'new folder, not the run it evaluates (config.pretrained)')
       maybe_initialize_distributed(cfg.mesh)
       validate_devices(cfg, jax.device_count(), jax.process_count())
       if writes:

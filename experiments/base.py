@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                      # model init, dropout and data order
-  c.stage = 'pretrain'            # pretrain | sample | chat | sweep | scaling | sft | reward | ppo | grpo | dpo | tokenize
+  c.stage = 'pretrain'            # pretrain | sample | chat | eval | sweep | scaling | sft | reward | ppo | grpo | dpo | tokenize
 
   # ---- model ---------------------------------------------------------------------------------
   m = c.model = ConfigDict()
@@ -109,6 +109,12 @@ def get_config() -> ConfigDict:
   e.every_steps = 200             # 0 = only at the end
   e.max_batches = 0               # 0 = the full held-out split
   e.batch_size = 0                # 0 = train.batch_size
+  e.tasks = ''                    # task suite run at every eval and by stage=eval: 'NAME=KIND:ARG,...' (train/eval/tasks.py)
+  e.task_examples = 0             # items (documents, questions) read per task (0 = all)
+  e.task_batch_size = 16          # rows per scoring or generation call of the task suite
+  e.max_new_tokens = 256          # gsm8k/generate tasks: longest reply
+  e.temperature = 0.0             # gsm8k/generate tasks: 0 = greedy
+  e.template = 'auto'             # gsm8k tasks: chat template, as sft.template (auto | model | default)
 
   # ---- checkpoints ---------------------------------------------------------------------------
   k = c.checkpoint = ConfigDict()
@@ -164,9 +170,10 @@ def get_config() -> ConfigDict:
   g.max_batch = 8                 # on CPU, bigger batches fall out of cache and cost more per token
   g.warmup_fraction = 0.05        # warmup steps as a share of each run (a fixed warmup swamps small runs)
   g.bootstrap = 200               # resamples (runs drawn within each budget) for the 90% intervals
+  g.metric = 'eval_loss'          # final metric the laws are fitted to, e.g. eval/NAME/bpb (lower = better)
 
   # ---- inference and interop (stage=chat); see model/pretrained.py ------------------------------
-  c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME
+  c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME (stage=eval: the model evaluated)
 
   # ---- supervised fine-tuning data (stage=sft); see data/formats.py and data/sft.py --------------
   f = c.sft = ConfigDict()

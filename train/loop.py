@@ -142,8 +142,11 @@ class _Preemption:
 
 
 def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], train_iter: Iterator,
-                 eval_batches: list[dict], workdir: str, info: dict[str, Any]) -> dict[str, float]:
+                 eval_batches: list[dict], workdir: str, info: dict[str, Any],
+                 on_eval: Callable[[Trainer], dict[str, float]] | None = None) -> dict[str, float]:
   """Train from the latest checkpoint in `workdir` (or from scratch) to `train.steps`.
+
+  `on_eval(trainer)` (e.g. a task suite, train/eval/) adds its metrics to every eval's.
 
   Metrics for step t are pulled to the host after step t+1 is dispatched, so logging never
   stalls the device. Returns the last logged metrics: with the final eval, or with
@@ -219,6 +222,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
           flush()  # this step's loss is checked before anything is saved
         if is_eval(step):
           last.update(evaluate(trainer, eval_step, trainer.state.params, eval_batches, bytes_per_token))
+          last.update(on_eval(trainer) if on_eval else {})
           writer.write(step, last)
           bar.write(f'step {step}: eval_loss {last["eval_loss"]:.4f}')
           clock = time.perf_counter()  # eval time is not training time
@@ -232,6 +236,7 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
       if start < t.steps:
         save(t.steps)
       last.update(evaluate(trainer, eval_step, trainer.state.params, eval_batches, bytes_per_token))
+      last.update(on_eval(trainer) if on_eval else {})
       writer.write(t.steps, last)
   finally:
     bar.close()
@@ -243,9 +248,12 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
   return last
 
 
-def pretrain(cfg: ConfigDict, workdir: str, dataset: TrainData) -> tuple[Trainer, dict[str, float]]:
+def pretrain(cfg: ConfigDict, workdir: str, dataset: TrainData,
+             on_eval: Callable[[Trainer], dict[str, float]] | None = None
+             ) -> tuple[Trainer, dict[str, float]]:
   """The family's pretraining objective (causal or masked LM) on `dataset` (data/pipeline.py,
-  data/seq2seq.py); returns the trainer and final metrics."""
+  data/seq2seq.py, data/stream.py); returns the trainer and final metrics. `on_eval` as in
+  `run_training`."""
   trainer = init_trainer(cfg, dataset.tokenizer.vocab_size)
   per_host = cfg.train.batch_size // jax.process_count()
   train_iter = dataset.train_iter(per_host, cfg.train.seq_len)
@@ -253,6 +261,7 @@ def pretrain(cfg: ConfigDict, workdir: str, dataset: TrainData) -> tuple[Trainer
                                       cfg.eval.max_batches)
   objective = objective_for(trainer.model_cfg.family, dataset.tokenizer.pad_id)
   try:
-    return trainer, run_training(trainer, objective, train_iter, eval_batches, workdir, dataset.info)
+    return trainer, run_training(trainer, objective, train_iter, eval_batches, workdir, dataset.info,
+                                 on_eval)
   finally:
     train_iter.close()  # stops a streaming loader's prefetch threads (data/stream.py)

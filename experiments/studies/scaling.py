@@ -193,12 +193,16 @@ def merge_results(planned: list[PlannedRun], results: list[dict]) -> list[dict]:
   return rows
 
 
-def runs_for(rows: list[dict], count: str) -> fits.Runs:
+def runs_for(rows: list[dict], count: str, metric: str = 'eval_loss') -> fits.Runs:
   """Finished IsoFLOP runs as fits.Runs with N counted as `count` (n_flops | params_non_embedding |
-  params) and D = tokens trained."""
+  params), D = tokens trained and the loss read from the final metric `metric`."""
   done = [r for r in rows if r['role'] == 'isoflop' and r['state'] == 'finished']
+  missing = [r['name'] for r in done if r.get(metric) in (None, '')]
+  if missing:
+    raise UserError(f'scaling.metric={metric!r} is not in the final metrics of {missing[0]}; use '
+                    'eval_loss or an eval/NAME/METRIC its eval.tasks log')
   col = lambda k: np.array([float(r[k]) for r in done])
-  return fits.Runs(col('budget'), col(count), col('tokens'), col('eval_loss'))
+  return fits.Runs(col('budget'), col(count), col('tokens'), col(metric))
 
 
 def lr_check(rows: list[dict]) -> dict[str, dict]:
@@ -267,7 +271,7 @@ def bootstrap_statistics(warm: fits.ParametricFit) -> Callable[[fits.Runs], dict
 def analyze(rows: list[dict], curves: dict, s: ConfigDict, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
   """Every fit with its intervals, and the bootstrap draws; `rows` are plan rows merged with each
   run's final metrics."""
-  main = runs_for(rows, 'n_flops')
+  main = runs_for(rows, 'n_flops', s.metric)
   if len(np.unique(main.budget)) < 2:
     raise UserError(f'only {len(main.loss)} IsoFLOP runs finished, over fewer than 2 budgets; '
                     'rerun the same command to finish the others')
@@ -288,7 +292,7 @@ def analyze(rows: list[dict], curves: dict, s: ConfigDict, seed: int) -> tuple[d
       'other_counts': {},
   }
   for count in ('params_non_embedding', 'params'):
-    runs = runs_for(rows, count)
+    runs = runs_for(rows, count, s.metric)
     other = fits.approach2(runs)
     out['other_counts'][count] = {
         'approach2_a': other['n_opt'].exponent if other['n_opt'] else float('nan'),

@@ -7,6 +7,7 @@ from ml_collections import ConfigDict
 
 from train.stages.chat import chat_stage
 from train.stages.dpo import dpo_stage
+from train.stages.eval import eval_stage
 from train.stages.ppo import grpo_stage, ppo_stage
 from train.stages.pretrain import pretrain_stage, sample_stage
 from train.stages.reward import reward_stage
@@ -18,6 +19,7 @@ STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'pretrain': pretrain_stage,
     'sample': sample_stage,
     'chat': chat_stage,
+    'eval': eval_stage,
     'sft': sft_stage,
     'reward': reward_stage,
     'ppo': ppo_stage,

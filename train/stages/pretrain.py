@@ -14,6 +14,7 @@ from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.loop import pretrain
 from train.mesh import mesh_rules
+from train.stages.eval import eval_hook
 from train.stages.seq2seq_eval import report_exact_match
 from train.trainer import Trainer, init_trainer
 from train.workdir import tokenizer_dir
@@ -46,7 +47,7 @@ def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
   truth = dataset.info.get('true_entropy_nats_per_token')
   if truth is not None:
     print(f'source: true entropy {truth:.4f} nats/token (the best achievable eval loss)', flush=True)
-  trainer, metrics = pretrain(cfg, workdir, dataset)
+  trainer, metrics = pretrain(cfg, workdir, dataset, eval_hook(cfg, dataset.tokenizer))
   if metrics.get('preempted'):
     return
   line = f'final eval_loss {metrics["eval_loss"]:.4f} nats/token'
@@ -63,6 +64,9 @@ def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
   if 'eval_bpb' in metrics:
     line += f', {metrics["eval_bpb"]:.4f} bits/byte'
   print(line, flush=True)
+  for k, v in metrics.items():
+    if k.startswith('eval/'):
+      print(f'{k} {v:.4f}', flush=True)
   print_samples(trainer, dataset.tokenizer, cfg.sample)
 
 

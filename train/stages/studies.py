@@ -159,7 +159,7 @@ def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   result['acceptance'] = scaling.acceptance(result, sizes, minutes)
   sweep.write_csv(scaling.isoflop_rows(result['approach2']), os.path.join(workdir, 'isoflop.csv'))
   write_summary(workdir, 'fits.json', scaling.jsonable(result), indent=1, allow_nan=False)
-  plots.scaling_plots(workdir, scaling.runs_for(rows, 'n_flops'), result, draws, curves)
+  plots.scaling_plots(workdir, scaling.runs_for(rows, 'n_flops', cfg.scaling.metric), result, draws, curves)
   for name, check in result['acceptance'].items():
     value = check.get('value', check.get('budgets'))
     print(f'acceptance {name}: {"PASS" if check["pass"] else "FAIL"} ({value})', flush=True)

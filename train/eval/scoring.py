@@ -1,0 +1,143 @@
+"""One batched, jitted scorer every eval task and the lm-eval adapter share: the log-likelihood of
+a continuation given a context, and of whole documents in disjoint context windows.
+
+Requests are token ids. A row is (context + continuation)[-(max_len + 1):][:-1] as in lm-eval's
+`hf` backend: contexts that do not fit are cut from the left (and counted in `truncated`). Rows are
+scored longest first in batches of a few bucketed widths (few compilations), right-padded, so a
+causal model needs no mask; the batch is split over the mesh's (data, fsdp) axes like training's.
+"""
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.errors import UserError
+from model.generate import bucket
+from train.mesh import BATCH_AXES, LOGICAL_RULES, batch_sharding
+
+Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def score_rows(variables: Any, inputs: jax.Array, targets: jax.Array, mask: jax.Array,
+               model: nn.Module) -> tuple[jax.Array, jax.Array]:
+  """Per row: the sum of log p(target) over masked positions, and whether every masked target is
+  the argmax (greedy). inputs, targets, mask: [b, t]."""
+  logits = model.apply(variables, inputs).astype(jnp.float32)
+  # the target's logit less the log-normaliser: no second [b, t, vocab] array beside the logits
+  token_logp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+                - jax.nn.logsumexp(logits, axis=-1))
+  greedy = (jnp.argmax(logits, axis=-1) == targets) | ~mask
+  return jnp.sum(jnp.where(mask, token_logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
+
+
+def shard_params(model: nn.Module, params: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`params` placed on `mesh` by the model's logical axis names, as training shards them."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, LOGICAL_RULES)
+  return jax.tree.map(jax.device_put, params, shardings['params'])
+
+
+@dataclasses.dataclass
+class Scorer:
+  """Scores requests with `model` (deterministic) and its `variables` ({'params': ..., and 'lora'
+  under adapters}) on `mesh`. `batch_size` rows per call (rounded to the mesh's batch split), at
+  most `max_tokens` tokens per call so long windows do not blow up the [b, t, vocab] logits (4096
+tokens of a 49k vocabulary: 0.8 GB)."""
+  model: nn.Module
+  variables: Any
+  mesh: jax.sharding.Mesh
+  batch_size: int = 16
+  max_tokens: int = 4096
+  truncated: int = 0  # requests whose context was cut from the left so far
+
+  @property
+  def max_len(self) -> int:
+    return self.model.cfg.max_len
+
+  def loglikelihood(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
+    """(sum of log-probs of the continuation, whether it is the greedy continuation) per request."""
+    rows = [self._row(i, ctx, cont) for i, (ctx, cont) in enumerate(requests)]
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    for chunk in self._chunks(order, rows):
+      width = self._width(len(rows[chunk[0]][0]))
+      n = self._rows_per_call(width)
+      inputs, targets = np.zeros((2, n, width), np.int32)
+      mask = np.zeros((n, width), bool)
+      for r, i in enumerate(chunk):
+        seq, n_cont = rows[i]
+        inputs[r, :len(seq) - 1], targets[r, :len(seq) - 1] = seq[:-1], seq[1:]
+        mask[r, len(seq) - 1 - n_cont:len(seq) - 1] = True
+      sharding = batch_sharding(self.mesh)
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        logp, greedy = score_rows(self.variables, *jax.device_put((inputs, targets, mask), sharding),
+                                  model=self.model)
+      logp, greedy = jax.device_get((logp, greedy))
+      for r, i in enumerate(chunk):
+        out[i] = (float(logp[r]), bool(greedy[r]))
+    return out
+
+  def loglikelihood_rolling(self, documents: Sequence[Sequence[int]], prefix_id: int
+                            ) -> list[float]:
+    """Log-likelihood of each whole document: disjoint windows of the model's context, the first
+    one after `prefix_id` (lm-eval's rolling windows with context_len=1)."""
+    requests, owner = [], []
+    for d, doc in enumerate(documents):
+      for window in rolling_windows(list(doc), prefix_id, self.max_len):
+        requests.append(window)
+        owner.append(d)
+    totals = [0.0] * len(documents)
+    for d, (logp, _) in zip(owner, self.loglikelihood(requests)):
+      totals[d] += logp
+    return totals
+
+  def _row(self, i: int, context: Sequence[int], continuation: Sequence[int]
+           ) -> tuple[list[int], int]:
+    """(the at most max_len + 1 tokens scored, continuation tokens among them)."""
+    if not len(continuation):
+      raise UserError(f'request {i} has an empty continuation; every choice needs at least one token')
+    if not len(context):
+      raise UserError(f'request {i} has an empty context; start it with BOS (or the EOS token)')
+    seq = [int(t) for t in (*context, *continuation)]
+    if len(seq) > self.max_len + 1:
+      self.truncated += 1
+      seq = seq[-(self.max_len + 1):]
+    return seq, min(len(continuation), len(seq) - 1)
+
+  def _width(self, n_tokens: int) -> int:
+    """The padded input width of a row of n_tokens (its inputs are all but the last token)."""
+    return min(bucket(n_tokens - 1), self.max_len)
+
+  def _rows_per_call(self, width: int) -> int:
+    split = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    n = max(1, min(self.batch_size, self.max_tokens // width))
+    return -(-n // split) * split
+
+  def _chunks(self, order: list[int], rows: list[tuple[list[int], int]]) -> Iterator[list[int]]:
+    """Consecutive requests (longest first) that share one call's width and row count."""
+    i = 0
+    while i < len(order):
+      n = self._rows_per_call(self._width(len(rows[order[i]][0])))
+      yield order[i:i + n]
+      i += n
+
+
+def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> Iterator[Request]:
+  """(context, continuation) windows that predict every token of `tokens` once, each at most
+  max_len + 1 tokens long: lm-eval's get_rolling_token_windows(context_len=1) made disjoint."""
+  if not tokens:
+    return
+  first = min(max_len, len(tokens))
+  yield [prefix_id], tokens[:first]
+  done = first
+  while done < len(tokens):
+    n = min(len(tokens) - done, max_len)
+    end = done + n
+    yield tokens[max(end - max_len - 1, 0):end - n], tokens[end - n:end]
+    done = end
