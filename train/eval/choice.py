@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from data import synthetic
+from data.jsonl import json_objects
 from model.errors import UserError
-from train.eval.requests import bos_prefix, encode_pair, read_jsonl, string_field
+from train.eval.requests import bos_prefix, encode_pair, string_field
 from train.eval.scoring import Scorer
 
 EXAMPLE = '{"context": "The sky is", "choices": [" blue", " green"], "label": 0}'
@@ -31,7 +32,7 @@ def read_items(paths: list[str], limit: int = 0) -> list[Item]:
   """The items of the files, checked: a missing field or an out-of-range label names its line."""
   items = []
   for path in paths:
-    for where, obj in read_jsonl(path):
+    for where, obj in json_objects(path):
       context = string_field(obj, where, 'context', EXAMPLE)
       choices = obj.get('choices')
       if (not isinstance(choices, list) or len(choices) < 2

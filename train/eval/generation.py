@@ -17,12 +17,13 @@ import jax
 import numpy as np
 
 from data import formats
+from data.jsonl import json_objects
 from data.sft import render, resolve_template
 from model.errors import UserError
-from model.generate import generate
+from model.generate import generate_rows
 from model.sampling import Sampling
-from train.eval.requests import bos_prefix, read_jsonl, string_field
-from train.mesh import LOGICAL_RULES
+from train.eval.requests import bos_prefix, string_field
+from train.mesh import mesh_rules
 
 Checker = Callable[[str, dict], float]
 EXAMPLE = '{"prompt": "2 + 2 =", "answer": "4"}'
@@ -51,22 +52,17 @@ class Generator:
     SFT stage's batching, so greedy replies match it token for token). A prompt longer than the
     context less `max_new_tokens` keeps its last tokens, as in lm-eval (but at least half the
     context: a small model's reply is cut at its context instead)."""
-    stops = tuple(getattr(tokenizer, 'stop_ids', (tokenizer.eos_id,)))
+    stops = tuple(tokenizer.stop_ids)
     n = self.model.cfg.max_len
     keep = max(n - self.max_new_tokens, n // 2)  # lm-eval's left truncation, half the context at least
     self.truncated += sum(len(p) > keep for p in prompts)
     prompts = [p[-keep:] for p in prompts]
-    texts = []
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      for i in range(0, len(prompts), self.batch_size):
-        out = generate(self.model, self.params, prompts[i:i + self.batch_size],
-                       max_new_tokens=self.max_new_tokens, rng=jax.random.PRNGKey(self.seed),
-                       sampling=self.sampling, stop_ids=stops, pad_id=tokenizer.pad_id)
-        tokens, lengths = jax.device_get((out.tokens, out.lengths))
-        for row, n in zip(tokens, lengths):
-          ids = [int(t) for t in row[:n]]
-          texts.append(tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids))
-    return texts
+    with mesh_rules(self.mesh):
+      rows = generate_rows(self.model, self.params, prompts, max_new_tokens=self.max_new_tokens,
+                           rng=jax.random.PRNGKey(self.seed), chunk_size=self.batch_size,
+                           sampling=self.sampling, stop_ids=stops, pad_id=tokenizer.pad_id).tokens
+    ids = [row.tolist() for row in rows]
+    return [tokenizer.decode(r[:-1] if r and r[-1] in stops else r) for r in ids]
 
 
 def gsm8k_problems(spec: str, field: str, tokenizer: Any, template: str = 'auto',
@@ -84,7 +80,7 @@ def gsm8k_problems(spec: str, field: str, tokenizer: Any, template: str = 'auto'
 def text_problems(paths: list[str], tokenizer: Any, limit: int = 0) -> list[Problem]:
   out = []
   for path in paths:
-    for where, obj in read_jsonl(path):
+    for where, obj in json_objects(path):
       prompt = string_field(obj, where, 'prompt', EXAMPLE)
       string_field(obj, where, 'answer', EXAMPLE)
       out.append(Problem(bos_prefix(tokenizer) + tokenizer.encode(prompt), obj))

@@ -43,7 +43,7 @@ class LmlabLM(LM):
     size = int(batch_size) if str(batch_size).isdigit() else 16  # 'auto' -> 16
     self.batch_size = size
     self.scorer = Scorer(self.model, {'params': self.params}, self.mesh, batch_size=size)
-    own = getattr(self.tokenizer, 'add_bos', True)
+    own = self.tokenizer.add_bos
     self.add_bos = own if add_bos_token is None else str(add_bos_token).lower() == 'true'
 
   def _prefix(self, context: str) -> list[int]:

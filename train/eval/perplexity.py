@@ -11,8 +11,9 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from data import sources
+from data.jsonl import json_objects
 from model.errors import UserError
-from train.eval.requests import prefix_id, read_jsonl, string_field
+from train.eval.requests import prefix_id, string_field
 from train.eval.scoring import Scorer
 
 SETS = 'text:GLOB | jsonl:GLOB:FIELD | synthetic | tokens:STORE'
@@ -32,7 +33,7 @@ def read_documents(spec: str, field: str, cfg_synthetic: ConfigDict | None = Non
   if kind == 'jsonl' and ':' in rest:
     pattern, name = rest.rsplit(':', 1)
     return [string_field(obj, where, name, f'{{"{name}": "some text"}}')
-            for path in sources.match_files(pattern, spec, field) for where, obj in read_jsonl(path)]
+            for path in sources.match_files(pattern, spec, field) for where, obj in json_objects(path)]
   if kind == 'tokens':
     # Hook: pre-tokenized stores (data/, being built) score their documents' ids directly, without
     # the UTF-8 byte count unless the store records it.

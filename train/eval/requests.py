@@ -4,9 +4,7 @@
 ids from the tokenization of the whole string, so a merge across the boundary is scored as the
 model would see it; tasks and the lm-eval adapter share it, which keeps their figures equal.
 """
-import gzip
-import json
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from model.errors import UserError
 
@@ -25,29 +23,12 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, prefix: Sequenc
 def bos_prefix(tokenizer: Any) -> list[int]:
   """[BOS] where the model's documents start with it (models trained here), else nothing."""
   bos = tokenizer.bos_id
-  return [bos] if getattr(tokenizer, 'add_bos', True) and bos is not None else []
+  return [bos] if tokenizer.add_bos and bos is not None else []
 
 
 def prefix_id(tokenizer: Any) -> int:
   """The token a document's first window starts after: BOS, else EOS (lm-eval's prefix_token_id)."""
   return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-
-
-def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
-  """('path:line', record) of every non-blank line of a .jsonl or .jsonl.gz file."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rt', encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{n}'
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f'{where} is not valid JSON ({e.msg}); write one JSON object per line') from None
-      if not isinstance(obj, dict):
-        raise UserError(f'{where} is not a JSON object; write one {{...}} record per line')
-      yield where, obj
 
 
 def string_field(obj: dict, where: str, name: str, example: str) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from model.errors import UserError
 from model.generate import bucket
-from train.mesh import BATCH_AXES, LOGICAL_RULES, batch_sharding
+from train.mesh import BATCH_AXES, LOGICAL_RULES, batch_sharding, mesh_rules
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
@@ -75,7 +75,7 @@ tokens of a 49k vocabulary: 0.8 GB)."""
         inputs[r, :len(seq) - 1], targets[r, :len(seq) - 1] = seq[:-1], seq[1:]
         mask[r, len(seq) - 1 - n_cont:len(seq) - 1] = True
       sharding = batch_sharding(self.mesh)
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      with mesh_rules(self.mesh):
         logp, greedy = score_rows(self.variables, *jax.device_put((inputs, targets, mask), sharding),
                                   model=self.model)
       logp, greedy = jax.device_get((logp, greedy))
