@@ -6,10 +6,11 @@ step listing (`latest_step`) skips temporary folders, and a writing manager dele
 opens (safe: the workdir lock, train/workdir.py, means no other run is writing there).
 """
 import errno
-import logging
 import glob
 import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -50,10 +51,28 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-  try:  # also raises the failure of the previous async save, if it failed
+  wait(manager)  # orbax waits for the save in flight anyway; a failed one is one line here
+  ensure_space(manager)
+  try:
     manager.save(step, args=ocp.args.Composite(**items), force=True)
   except Exception as e:
     raise save_failed(manager, e) from e
+
+
+def ensure_space(manager: ocp.CheckpointManager) -> None:
+  """Refuse a save the disk cannot hold before orbax starts it, taking the newest committed step's
+  size as the estimate: the usual disk-full case (the disk fills up run by run) ends with the
+  one-line error and nothing written, instead of a save that fails half-way (orbax's save threads
+  then die noisily; that path is still caught by `wait`). Object stores are not checked."""
+  directory = str(manager.directory)
+  step = manager.latest_step()
+  if step is None or '://' in directory:
+    return
+  last = os.path.join(directory, str(step))
+  size = sum(os.path.getsize(os.path.join(folder, name))
+             for folder, _, names in os.walk(last) for name in names)
+  if shutil.disk_usage(directory).free < size:
+    raise save_failed(manager, OSError(errno.ENOSPC, 'No space left on device'))
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
