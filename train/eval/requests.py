@@ -6,6 +6,7 @@ model would see it; tasks and the lm-eval adapter share it, which keeps their fi
 """
 from typing import Any, Sequence
 
+from data.tokenizer import document_frame
 from model.errors import UserError
 
 
@@ -21,9 +22,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, prefix: Sequenc
 
 
 def bos_prefix(tokenizer: Any) -> list[int]:
-  """[BOS] where the model's documents start with it (models trained here), else nothing."""
-  bos = tokenizer.bos_id
-  return [bos] if tokenizer.add_bos and bos is not None else []
+  """[BOS] where the model's documents start with it (models trained here), else nothing: the
+  document framing of data.tokenizer.document_frame."""
+  return document_frame(tokenizer)[0].tolist()
 
 
 def prefix_id(tokenizer: Any) -> int:
