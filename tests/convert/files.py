@@ -112,3 +112,18 @@ def gguf_name(hf_name: str) -> str | None:
     key = '.'.join(parts[:2] + ['{i}'] + parts[3:])
     return GGUF_NAMES[key].format(i=layer) if key in GGUF_NAMES else None
   return GGUF_NAMES.get(hf_name)
+
+
+def smollm2_hf_tokenizer(gguf_path: str):
+  """transformers' tokenizer of the SmolLM2 GGUF with the pre-tokenizer the model was trained
+  with. transformers' GGUF loader ignores `tokenizer.ggml.pre = smollm` and keeps only GPT-2's split,
+  so whitespace before a digit tokenizes differently ('.  40' -> 'Ġ','Ġ','4','0' instead of
+  'ĠĠ','4','0'); llama.cpp's smollm rule and SmolLM2's own tokenizer.json split digits first
+  (Digits(individual_digits) then ByteLevel), and so does our importer."""
+  from tokenizers import pre_tokenizers
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+  tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  return tok

