@@ -23,12 +23,19 @@ Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 
 @functools.partial(jax.jit, static_argnames='model')
-def score_rows(variables: Any, inputs: jax.Array, targets: jax.Array, mask: jax.Array,
-               model: nn.Module) -> tuple[jax.Array, jax.Array]:
+def score_rows(variables: Any, inputs: jax.Array, index: jax.Array, targets: jax.Array,
+               mask: jax.Array, model: nn.Module) -> tuple[jax.Array, jax.Array]:
   """Per row: the sum of log p(target) over masked positions, and whether every masked target is
-  the argmax (greedy). inputs, targets, mask: [b, t]."""
-  logits = model.apply(variables, inputs).astype(jnp.float32)
-  # the target's logit less the log-normaliser: no second [b, t, vocab] array beside the logits
+  the argmax (greedy). inputs: [b, t]; index, targets, mask: [b, s], the s <= t positions of each
+  row that are scored. Only those positions reach the output layer: a multiple-choice
+  continuation is a few tokens of a long row, and the [b, t, vocab] logits cost more than the
+  layers below them on a CPU."""
+  def logits_at(m: nn.Module, tokens: jax.Array, where: jax.Array) -> jax.Array:
+    hidden = jnp.take_along_axis(m.features(tokens), where[..., None], axis=1)
+    return m.logits(hidden)
+
+  logits = model.apply(variables, inputs, index, method=logits_at).astype(jnp.float32)
+  # the target's logit less the log-normaliser: no second [b, s, vocab] array beside the logits
   token_logp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
                 - jax.nn.logsumexp(logits, axis=-1))
   greedy = (jnp.argmax(logits, axis=-1) == targets) | ~mask
@@ -67,16 +74,21 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     for chunk in self._chunks(order, rows):
       width = self._width(len(rows[chunk[0]][0]))
+      span = min(bucket(max(rows[i][1] for i in chunk)), width)  # scored positions per row
       n = self._rows_per_call(width)
-      inputs, targets = np.zeros((2, n, width), np.int32)
-      mask = np.zeros((n, width), bool)
+      inputs = np.zeros((n, width), np.int32)
+      index, targets = np.zeros((2, n, span), np.int32)
+      mask = np.zeros((n, span), bool)
       for r, i in enumerate(chunk):
         seq, n_cont = rows[i]
-        inputs[r, :len(seq) - 1], targets[r, :len(seq) - 1] = seq[:-1], seq[1:]
-        mask[r, len(seq) - 1 - n_cont:len(seq) - 1] = True
+        end = len(seq) - 1  # input positions; the continuation's targets are the last n_cont
+        inputs[r, :end] = seq[:-1]
+        index[r] = np.maximum(np.arange(end - span, end), 0)
+        targets[r] = np.asarray(seq)[index[r] + 1]
+        mask[r, span - n_cont:] = True
       sharding = batch_sharding(self.mesh)
       with mesh_rules(self.mesh):
-        logp, greedy = score_rows(self.variables, *jax.device_put((inputs, targets, mask), sharding),
+        logp, greedy = score_rows(self.variables, *jax.device_put((inputs, index, targets, mask), sharding),
                                   model=self.model)
       logp, greedy = jax.device_get((logp, greedy))
       for r, i in enumerate(chunk):
@@ -112,7 +124,7 @@ tokens of a 49k vocabulary: 0.8 GB)."""
 
   def _width(self, n_tokens: int) -> int:
     """The padded input width of a row of n_tokens (its inputs are all but the last token)."""
-    return min(bucket(n_tokens - 1), self.max_len)
+    return min(width_bucket(n_tokens - 1), self.max_len)
 
   def _rows_per_call(self, width: int) -> int:
     split = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
@@ -126,6 +138,16 @@ tokens of a 49k vocabulary: 0.8 GB)."""
       n = self._rows_per_call(self._width(len(rows[order[i]][0])))
       yield order[i:i + n]
       i += n
+
+
+def width_bucket(n: int) -> int:
+  """n rounded up on a grid of four widths per doubling (16, 20, 24, 28, 32, 40, ...): under 25%
+  padding (scoring is compute-bound: padded tokens cost as much as real ones) for four
+  compilations per doubling of the row length."""
+  if n <= 16:
+    return 16
+  step = 1 << ((n - 1).bit_length() - 3)
+  return -(-n // step) * step
 
 
 def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> Iterator[Request]:
