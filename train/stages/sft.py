@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import resource
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -28,15 +28,14 @@ from data.rows import TrainData
 from data.sft import SftDataset, build_sft_dataset, build_text_dataset, render, resolve_template
 from model.config import ModelConfig
 from model.errors import UserError
-from model.generate import generate_rows
 from model.heads import build_classifier, lm_backbone
 from model.lora import count_params
 from model.pretrained import Pretrained, load_pretrained
 from model.sampling import Sampling
 from model.transformer import build_model
 from train import checkpoint
+from train.eval.generation import Generator
 from train.loop import evaluate, make_eval_step, run_training
-from train.mesh import mesh_rules
 from train.workdir import write_summary
 from train.objectives import LossFn, causal_lm_loss, classification_loss, objective_for
 from train.trainer import Trainer, inference_params, init_trainer
@@ -59,21 +58,6 @@ def load_base(cfg: ConfigDict) -> Pretrained:
   return base
 
 
-def greedy_replies(trainer: Trainer, tokenizer: Any, prompts: Sequence[Sequence[int]],
-                   max_new_tokens: int, batch_size: int = 16) -> list[str]:
-  """Greedy replies to token-id prompts, decoded without their stop token."""
-  if not prompts:
-    return []
-  stops = tuple(tokenizer.stop_ids)
-  params = inference_params(trainer)
-  with mesh_rules(trainer.mesh):
-    rows = generate_rows(trainer.eval_model, params, prompts, max_new_tokens=max_new_tokens,
-                         rng=jax.random.PRNGKey(0), chunk_size=batch_size, sampling=Sampling(0.0),
-                         stop_ids=stops, pad_id=tokenizer.pad_id).tokens
-  ids = [row.tolist() for row in rows]
-  return [tokenizer.decode(r[:-1] if r and r[-1] in stops else r) for r in ids]
-
-
 def prompt_ids(tokenizer: Any, question: str, template: str) -> list[int]:
   """A one-turn user prompt followed by the template's generation prompt."""
   messages = [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': ''}]
@@ -82,18 +66,21 @@ def prompt_ids(tokenizer: Any, question: str, template: str) -> list[int]:
 
 
 def generation_report(trainer: Trainer, dataset: SftDataset, s: ConfigDict) -> dict[str, Any]:
-  """Exact match on the first `sft.eval_generate` held-out prompts, and the probe's reply."""
+  """Exact match on the first `sft.eval_generate` held-out prompts, and the probe's reply: greedy
+  replies from the eval suite's generator (train/eval/generation.py), so the gsm8k eval task
+  reports the same figure on the same checkpoint."""
   out: dict[str, Any] = {}
+  generator = Generator(trainer.eval_model, inference_params(trainer), trainer.mesh,
+                        max_new_tokens=s.max_new_tokens, sampling=Sampling(0.0))
   if s.eval_generate:
     prompts = dataset.eval_prompts[:s.eval_generate]
-    replies = greedy_replies(trainer, dataset.tokenizer, [p for p, _ in prompts], s.max_new_tokens)
+    replies = generator.replies(dataset.tokenizer, [p for p, _ in prompts])
     out['exact_match'] = dataset.exact_match(replies)
     out['example_reply'] = replies[0]
   if s.probe:
     template = resolve_template(dataset.tokenizer, s.template)
-    out['probe_reply'] = greedy_replies(trainer, dataset.tokenizer,
-                                        [prompt_ids(dataset.tokenizer, s.probe, template)],
-                                        s.max_new_tokens)[0]
+    out['probe_reply'] = generator.replies(dataset.tokenizer,
+                                           [prompt_ids(dataset.tokenizer, s.probe, template)])[0]
   return out
 
 

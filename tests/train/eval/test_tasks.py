@@ -104,21 +104,46 @@ def test_context_longer_than_the_model_is_cut_and_counted(tiny):
   assert run_choice(items, tok, scorer)['truncated'] == 2.0  # both choices of the long item
 
 
+def test_held_out_set_from_a_token_store(tiny, tmp_path):
+  """bpb:tokens:STORE scores the eval split's documents as stored (after BOS, EOS included), long
+  documents put back together from their records; bpb needs the store's byte count."""
+  import json
+
+  from data import store as token_store
+  from data.tokenizer import document_frame
+  from train.eval.requests import prefix_id
+  tok, trainer = tiny
+  docs = [r['question'] for r in gsm8k_rows(3)]
+  bos, eos = document_frame(tok)
+  framed = [np.concatenate([bos, tok.encode_array(d), eos]) for d in docs]
+  root = str(tmp_path / 'store')
+  token_store.write_store(root, tok, {'train': framed[:1], 'eval': framed}, chunk_tokens=40)
+  assert token_store.read_manifest(root)['splits']['eval']['records'] > len(docs)  # documents span records
+  scorer, _ = evaluators(trainer.eval_model, trainer.variables(), trainer.model_cfg, trainer.mesh, eval_cfg(''))
+  nll = -sum(scorer.loglikelihood_rolling([f[1:].tolist() for f in framed], prefix_id(tok)))
+  out = run_suite(tiny, f's=bpb:tokens:{root}')['s']
+  assert out['tokens'] == sum(len(f) - 1 for f in framed) and 'bpb' not in out  # write_store counts no bytes
+  assert out['loss'] == pytest.approx(nll / out['tokens'], rel=1e-6)
+  manifest = json.load(open(f'{root}/manifest.json'))
+  manifest['splits']['eval']['bytes'] = 1000
+  json.dump(manifest, open(f'{root}/manifest.json', 'w'))
+  assert run_suite(tiny, f's=bpb:tokens:{root}')['s']['bpb'] == pytest.approx(nll / np.log(2) / 1000, rel=1e-6)
+  assert run_suite(tiny, f's=bpb:tokens:{root}', task_examples=2)['s']['tokens'] == sum(len(f) - 1 for f in framed[:2])
+  with pytest.raises(UserError, match="was tokenized with 'char', not the model's tokenizer"):
+    build_suite(eval_cfg(f's=bpb:tokens:{root}'), CharTokenizer('abc'))
+
+
 def test_gsm8k_task_uses_the_sft_stages_prompts_and_replies(tiny):
   from data.sft import build_sft_dataset
-  from train.stages.sft import greedy_replies
+  from train.eval.generation import gsm8k_problems
+  from train.stages.sft import generation_report
   tok, trainer = tiny
   cfg_sft = get_config().sft
   cfg_sft.train = cfg_sft.eval = f'gsm8k:{GSM8K_TEST}'
-  cfg_sft.max_examples = 4
+  cfg_sft.max_examples, cfg_sft.eval_generate, cfg_sft.max_new_tokens, cfg_sft.probe = 4, 4, 8, ''
   sft_data = build_sft_dataset(cfg_sft, tok, 512, seed=0)
-  from train.eval.generation import gsm8k_problems
   problems = gsm8k_problems(f'gsm8k:{GSM8K_TEST}', 'eval.tasks', tok, limit=4)
   assert [(p.prompt, p.record['answer']) for p in problems] == sft_data.eval_prompts[:4]
-  _, generator = evaluators(trainer.eval_model, trainer.variables(), trainer.model_cfg,
-                            trainer.mesh, eval_cfg('', max_new_tokens=8))
-  prompts = [p.prompt for p in problems]
-  assert generator.replies(tok, prompts) == greedy_replies(trainer, tok, prompts, 8)
   out = run_suite(tiny, f'g=gsm8k:{GSM8K_TEST}', task_examples=4, max_new_tokens=8)
   assert out['g']['scored'] == 4
-  assert out['g']['exact_match'] == sft_data.exact_match(greedy_replies(trainer, tok, prompts, 8))
+  assert out['g']['exact_match'] == generation_report(trainer, sft_data, cfg_sft)['exact_match']
