@@ -125,7 +125,7 @@ with store.ShardWriter(out, 'all', 0, 1) as writer:
     for block in unit.blocks:
       if done >= limit:
         break
-      for ids, starts in _records(tokenizer, [block], 65536, 'strict', ''):
+      for ids, starts in _records(tokenizer, [block], 65536, 'strict', '', [0]):
         writer.write(ids, starts)
       done += block.nbytes
   counts = writer.close()

@@ -24,7 +24,7 @@ manifest.json:
   {"format": "lmlab-token-store/1",
    "tokenizer": {"spec", "kind", "vocab_size", "sha256": tokenizer_hash(STORE/tokenizer)},
    "splits": {"train": {"shards": [relative paths], "records": N, "documents": D, "tokens": T,
-                        "records_per_shard": [...]}, "eval": {...}},
+                        "records_per_shard": [...], "bytes": UTF-8 bytes of the text}, "eval": {...}},
    "chunk_tokens": ..., "sources": [{"path", "bytes", "sha256"}], "versions": {...},
    "data_config": {the data section that built it}}
 
@@ -163,9 +163,12 @@ def versions() -> dict:
 def split_entry(split: str, counts: Sequence[Mapping[str, int]]) -> dict:
   """The manifest entry of a split from its shards' counts (in shard order)."""
   n = len(counts)
-  return {'shards': [shard_name(split, i, n) for i in range(n)],
-          'records': sum(c['records'] for c in counts), 'documents': sum(c['documents'] for c in counts),
-          'tokens': sum(c['tokens'] for c in counts), 'records_per_shard': [c['records'] for c in counts]}
+  entry = {'shards': [shard_name(split, i, n) for i in range(n)],
+           'records': sum(c['records'] for c in counts), 'documents': sum(c['documents'] for c in counts),
+           'tokens': sum(c['tokens'] for c in counts), 'records_per_shard': [c['records'] for c in counts]}
+  if counts and all('bytes' in c for c in counts):  # UTF-8 bytes of the text (the Beam stage counts them)
+    entry['bytes'] = sum(c['bytes'] for c in counts)
+  return entry
 
 
 def write_manifest(store: str, tokenizer: SavedTokenizer, splits: Mapping[str, dict], chunk_tokens: int,

@@ -79,24 +79,29 @@ def write_unit(store: str, tokenizer: SavedTokenizer, unit: Unit, chunk_tokens: 
   path = os.path.join(store, store_lib.shard_name(unit.split, unit.index, unit.count))
   if os.path.isfile(path):
     try:
-      return {**key, **store_lib.count_shard(path, tokenizer.bos_id), 'kept': True}
+      text_bytes = sum(len(text.encode('utf-8')) for block in unit.blocks
+                       for text, _, _ in blocks_lib.read_block(block, errors, data_dir))
+      return {**key, **store_lib.count_shard(path, tokenizer.bos_id), 'bytes': text_bytes, 'kept': True}
     except (RuntimeError, ValueError, OSError):
       os.remove(path)  # damaged by hand: write it again
+  text_bytes = [0]
   with store_lib.ShardWriter(store, unit.split, unit.index, unit.count) as writer:
-    for ids, starts in _records(tokenizer, unit.blocks, chunk_tokens, errors, data_dir):
+    for ids, starts in _records(tokenizer, unit.blocks, chunk_tokens, errors, data_dir, text_bytes):
       writer.write(ids, starts)
-    return {**key, **writer.close(), 'kept': False}
+    return {**key, **writer.close(), 'bytes': text_bytes[0], 'kept': False}
 
 
 def _records(tokenizer: SavedTokenizer, blocks: Iterable[blocks_lib.Block], chunk_tokens: int, errors: str,
-             data_dir: str) -> Iterator[tuple[np.ndarray, bool]]:
+             data_dir: str, text_bytes: list[int]) -> Iterator[tuple[np.ndarray, bool]]:
   """(record, starts a document) for the blocks' documents, framed and chunked as write_store does;
-  a document cut by the shard's end is flushed unclosed (the next shard holds the rest)."""
+  a document cut by the shard's end is flushed unclosed (the next shard holds the rest). Adds the
+  UTF-8 bytes of the documents' text to text_bytes[0] (bits per byte divide by it)."""
   bos, eos = document_frame(tokenizer)
   encode = _line_pieces_encoder(tokenizer)
   carry, starts = np.zeros(0, np.int32), False
   for block in blocks:
     for text, opens, closes in blocks_lib.read_block(block, errors, data_dir):
+      text_bytes[0] += len(text.encode('utf-8'))
       if opens:
         carry, starts = bos, True
       carry = np.concatenate([carry, encode(text)] + ([eos] if closes else []))

@@ -62,6 +62,7 @@ def test_beam_store_matches_write_store_and_tokenize_docs_then_reruns_keep_shard
     np.testing.assert_array_equal(split_tokens(root, split), split_tokens(reference, split))
     for key in ('documents', 'tokens'):
       assert manifest['splits'][split][key] == ref['splits'][split][key]
+    assert manifest['splits'][split]['bytes'] == sum(len(d.encode('utf-8')) for d in docs)  # for bits/byte
   # documents span shards (blocks of 4 KB, shards of 12 KB): records never exceed chunk_tokens
   assert len(manifest['splits']['train']['shards']) > 2
   assert max(map(len, store.read_split(root, 'train'))) <= cfg.store.chunk_tokens

@@ -2,7 +2,8 @@
 
 `eval.tasks` is a comma-separated list of `NAME=KIND:ARG` entries (NAME defaults to the file's stem):
 
-  bpb:SET                    loss, ppl, bpb of a held-out set (text:GLOB | jsonl:GLOB:FIELD | synthetic)
+  bpb:SET                    loss, ppl, bpb of a held-out set (text:GLOB | jsonl:GLOB:FIELD | synthetic
+                             | tokens:STORE, a token store's eval split)
   choice:GLOB                acc, acc_norm, acc_bytes, acc_norm_tokens of {"context", "choices", "label"}
                              records; choice:synthetic draws them from data.synthetic's chain
   gsm8k:GLOB                 exact_match of greedy GSM8K answers (the SFT stage's prompts and scoring)
@@ -24,7 +25,7 @@ from model.sampling import Sampling
 from train.eval.choice import read_items, run_choice, synthetic_items
 from train.eval.generation import (Generator, gsm8k_checker, gsm8k_problems, make_checker,
                                    run_generation, text_problems)
-from train.eval.perplexity import read_documents, run_perplexity
+from train.eval.perplexity import read_documents, run_perplexity, run_store_perplexity, store_documents
 from train.eval.scoring import Scorer
 
 KINDS = ('bpb', 'choice', 'gsm8k', 'generate')
@@ -74,7 +75,10 @@ def build_suite(cfg_eval: ConfigDict, tokenizer: Any, cfg_synthetic: ConfigDict 
   tasks = []
   for t in parse_tasks(cfg_eval.tasks):
     field = f'eval.tasks[{t.name}]'
-    if t.kind == 'bpb':
+    if t.kind == 'bpb' and t.arg.startswith('tokens:'):
+      held = store_documents(t.arg.removeprefix('tokens:'), field, tokenizer, limit)
+      fn = lambda s, g, held=held: run_store_perplexity(held, s)
+    elif t.kind == 'bpb':
       docs = read_documents(t.arg, field, cfg_synthetic)[:limit or None]
       fn = lambda s, g, docs=docs: run_perplexity(docs, tokenizer, s)
     elif t.kind == 'choice' and t.arg == 'synthetic':
