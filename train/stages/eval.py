@@ -1,7 +1,7 @@
 """Stage `eval`: run the task suite `eval.tasks` on a model and write WORKDIR/eval_results.json.
 
-  python run.py --config=experiments/eval_suite.py --workdir=runs/eval \\
-    --config.pretrained=runs/quickstart --config.eval.tasks='quiz=choice:tests/eval/data/quiz.jsonl'
+  python run.py --config=experiments/quickstart.py --workdir=runs/qs_eval --config.stage=eval \\
+    --config.pretrained=runs/quickstart --config.eval.tasks='markov=bpb:synthetic,mc=choice:synthetic'
 
 `config.pretrained` is any source `load_pretrained` opens (a workdir trained here, a GGUF, a Hugging
 Face folder, package:NAME); --workdir is a new folder for the results. `eval_hook` is the same

@@ -49,6 +49,29 @@ def test_loglikelihood_matches_one_row_at_a_time(scorer):
   assert scorer.truncated == 0
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_choices_sharing_a_context_match_one_row_at_a_time(scorer, scan):
+  """Requests with one context (multiple choice) are scored from one KV cache of the context:
+  the same figures as whole rows, for groups of uneven size, with or without scanned layers."""
+  if scan:
+    cfg = tiny_config()
+    cfg.mesh.data, cfg.model.scan_layers = -1, True
+    trainer = init_trainer(cfg, VOCAB)
+    params = shard_params(trainer.eval_model, jax.device_get(trainer.state.params), trainer.mesh)
+    scorer = Scorer(trainer.eval_model, {'params': params}, trainer.mesh, batch_size=8)
+  rng = np.random.default_rng(2)
+  requests = []
+  for _ in range(11):
+    ctx = rng.integers(0, VOCAB, rng.integers(1, 11)).tolist()  # context + choice fit max_len (16)
+    requests += [(ctx, rng.integers(0, VOCAB, rng.integers(1, 7)).tolist()) for _ in range(rng.integers(2, 6))]
+  got = scorer.loglikelihood(requests)
+  for (ctx, cont), (ll, greedy) in zip(requests, got):
+    lp = logprobs(scorer, ctx + cont)
+    assert ll == pytest.approx(lp[-len(cont):].sum(), abs=1e-4)
+    argmax = row_logits(scorer, (ctx + cont)[:-1]).argmax(-1)[-len(cont):]
+    assert greedy == bool((argmax == np.asarray(cont)).all())
+
+
 def test_greedy_flag(scorer):
   ctx = [3, 7, 11]
   greedy = []
