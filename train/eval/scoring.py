@@ -111,7 +111,7 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     for chunk in self._chunks(order, rows):
       width = self._width(len(rows[chunk[0]][0]))
       span = min(bucket(max(rows[i][1] for i in chunk)), width)  # scored positions per row
-      n = self._rows_per_call(width)
+      n = self._rows_per_call(width, len(chunk))
       inputs = np.zeros((n, width), np.int32)
       index, targets = np.zeros((2, n, span), np.int32)
       mask = np.zeros((n, span), bool)
@@ -156,7 +156,7 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     i = 0
     while i < len(groups):
       width = min(width_bucket(len(requests[groups[i][0]][0])), self.max_len)
-      n_ctx = self._rows_per_call(width)
+      n_ctx = self._rows_per_call(width, len(groups) - i)
       while True:
         chunk = groups[i:i + n_ctx]
         per = 1 << (max(map(len, chunk)) - 1).bit_length()  # continuation rows per context, a power of two
@@ -201,16 +201,18 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     """The padded input width of a row of n_tokens (its inputs are all but the last token)."""
     return min(width_bucket(n_tokens - 1), self.max_len)
 
-  def _rows_per_call(self, width: int) -> int:
+  def _rows_per_call(self, width: int, remaining: int) -> int:
+    """batch_size rows (at most max_tokens tokens), fewer for the last `remaining` requests: the
+    next power of two, so a short tail pays for a few compilations, not for padding rows."""
     split = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
-    n = max(1, min(self.batch_size, self.max_tokens // width))
+    n = max(1, min(self.batch_size, self.max_tokens // width, 1 << (remaining - 1).bit_length()))
     return -(-n // split) * split
 
   def _chunks(self, order: list[int], rows: list[tuple[list[int], int]]) -> Iterator[list[int]]:
     """Consecutive requests (longest first) that share one call's width and row count."""
     i = 0
     while i < len(order):
-      n = self._rows_per_call(self._width(len(rows[order[i]][0])))
+      n = self._rows_per_call(self._width(len(rows[order[i]][0])), len(order) - i)
       yield order[i:i + n]
       i += n
 
