@@ -5,6 +5,8 @@ Requests are token ids. A row is (context + continuation)[-(max_len + 1):][:-1] 
 `hf` backend: contexts that do not fit are cut from the left (and counted in `truncated`). Rows are
 scored longest first in batches of a few bucketed widths (few compilations), right-padded, so a
 causal model needs no mask; the batch is split over the mesh's (data, fsdp) axes like training's.
+Requests that share their whole context (a multiple-choice item's choices) are scored from one KV
+cache of the context instead (`score_shared`): the context runs once, each choice a few positions.
 """
 import dataclasses
 import functools
@@ -21,6 +23,7 @@ from model.transformer import init_cache
 from train.mesh import BATCH_AXES, LOGICAL_RULES, batch_sharding, mesh_rules
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
+MAX_GROUP = 64  # continuations scored from one cached context per call
 
 
 def continuation_scores(logits: jax.Array, targets: jax.Array, mask: jax.Array
@@ -104,7 +107,9 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     for i, (ctx, cont) in enumerate(requests):
       if len(ctx) + len(cont) <= self.max_len + 1:  # not truncated: the context is the request's own
         groups.setdefault(tuple(int(t) for t in ctx), []).append(i)
-    shared = [g for g in groups.values() if len(g) > 1]
+    # at most MAX_GROUP continuations per cached context: a context shared by thousands of requests
+    # would otherwise put them all in one call
+    shared = [g[k:k + MAX_GROUP] for g in groups.values() if len(g) > 1 for k in range(0, len(g), MAX_GROUP)]
     self._score_shared(shared, requests, out)
     done = {i for g in shared for i in g}
     order = sorted((i for i in range(len(rows)) if i not in done), key=lambda i: -len(rows[i][0]))

@@ -50,9 +50,11 @@ def test_loglikelihood_matches_one_row_at_a_time(scorer):
 
 
 @pytest.mark.parametrize('scan', [False, True])
-def test_choices_sharing_a_context_match_one_row_at_a_time(scorer, scan):
+def test_choices_sharing_a_context_match_one_row_at_a_time(scorer, scan, monkeypatch):
   """Requests with one context (multiple choice) are scored from one KV cache of the context:
-  the same figures as whole rows, for groups of uneven size, with or without scanned layers."""
+  the same figures as whole rows, for groups of uneven size (split past MAX_GROUP), with or
+  without scanned layers."""
+  monkeypatch.setattr('train.eval.scoring.MAX_GROUP', 3)
   if scan:
     cfg = tiny_config()
     cfg.mesh.data, cfg.model.scan_layers = -1, True
