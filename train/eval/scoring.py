@@ -5,8 +5,8 @@ Requests are token ids. A row is (context + continuation)[-(max_len + 1):][:-1] 
 `hf` backend: contexts that do not fit are cut from the left (and counted in `truncated`). Rows are
 scored longest first in batches of a few bucketed widths (few compilations), right-padded, so a
 causal model needs no mask; the batch is split over the mesh's (data, fsdp) axes like training's.
-Requests that share their whole context (a multiple-choice item's choices) are scored from one KV
-cache of the context instead (`score_shared`): the context runs once, each choice a few positions.
+Requests that share their whole context (a multiple-choice item's choices, each shorter than it)
+are scored from one KV cache of the context instead (`score_shared`): the context runs once, each choice a few positions.
 """
 import dataclasses
 import functools
@@ -105,7 +105,9 @@ tokens of a 49k vocabulary: 0.8 GB)."""
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
-      if len(ctx) + len(cont) <= self.max_len + 1:  # not truncated: the context is the request's own
+      # not truncated (the context is the request's own), and the context is the bigger part: a
+      # rolling window (one prefix token, a whole window of continuation) gains nothing from a cache
+      if len(cont) <= len(ctx) and len(ctx) + len(cont) <= self.max_len + 1:
         groups.setdefault(tuple(int(t) for t in ctx), []).append(i)
     # at most MAX_GROUP continuations per cached context: a context shared by thousands of requests
     # would otherwise put them all in one call

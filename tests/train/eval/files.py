@@ -59,3 +59,13 @@ def lm_eval_yaml(folder: str, task: str, data_file: str, kind: str) -> str:
     f.write(f'task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n'
             f'    test: {data_file}\ntest_split: test\noutput_type: {kind}\n{body}')
   return path
+
+
+def rolling_reference(hf, text: str) -> float:
+  """A document's log-likelihood from the hf backend's own forward pass (one window: the test's
+  documents fit the context), log-softmax in float64."""
+  import torch
+  ids = [hf.prefix_token_id, *hf.tok_encode(text)]
+  with torch.no_grad():
+    logp = hf._model_call(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
+  return float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
