@@ -12,9 +12,10 @@ set_cpu_defaults()
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 # Persistent XLA cache: the many small models built by tests compile once per machine, not per test.
-import jax  # noqa: E402
-
-jax.config.update('jax_compilation_cache_dir',
-                  os.path.join(os.path.expanduser('~'), '.cache', 'lmlab', 'jax-tests'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+# Set through the environment so the run.py subprocesses of the end-to-end tests share it too (a
+# killed run and its restart compile the same step once).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(os.path.expanduser('~'), '.cache', 'lmlab', 'jax-tests'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+import jax  # noqa: E402,F401  (reads the variables above)
