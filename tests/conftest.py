@@ -13,9 +13,8 @@ SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 # Persistent XLA cache: the many small models built by tests compile once per machine, not per test.
 # Set through the environment so the run.py subprocesses of the end-to-end tests share it too (a
-# killed run and its restart compile the same step once).
+# killed run and its restart compile the same step once). jax reads them when it is first imported.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(os.path.expanduser('~'), '.cache', 'lmlab', 'jax-tests'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-import jax  # noqa: E402,F401  (reads the variables above)
