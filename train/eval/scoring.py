@@ -6,7 +6,8 @@ Requests are token ids. A row is (context + continuation)[-(max_len + 1):][:-1] 
 scored longest first in batches of a few bucketed widths (few compilations), right-padded, so a
 causal model needs no mask; the batch is split over the mesh's (data, fsdp) axes like training's.
 Requests that share their whole context (a multiple-choice item's choices, each shorter than it)
-are scored from one KV cache of the context instead (`score_shared`): the context runs once, each choice a few positions.
+are scored from one KV cache of the context instead (`score_shared`): the context runs once, each
+choice a few positions.
 """
 import dataclasses
 import functools

@@ -2,9 +2,9 @@
 SmolLM2-135M-Instruct, same local tasks: per-choice log-likelihoods within 1e-3 and identical acc
 and acc_norm per item; per-document rolling log-likelihoods within 1e-3 of the hf backend's forward
 pass with its log-softmax in float64 (its own float32 log-softmax sum is 5e-3 off on long
-documents). The hf backend gets SmolLM2's own pre-tokenizer (tests/convert/files.smollm2_hf_tokenizer: transformers' GGUF
-loader drops its digit split). benchmarks/eval_throughput.py runs the same on 50 items and 20
-documents and times both."""
+documents). The hf backend gets SmolLM2's own pre-tokenizer (transformers' GGUF loader drops its
+digit split: tests/convert/files.smollm2_hf_tokenizer). benchmarks/eval_throughput.py runs the same
+on 50 items and 20 documents and times both."""
 import os
 
 import pytest
@@ -53,8 +53,8 @@ def test_lmlab_matches_the_hf_backend_on_smollm2(tmp_path):
   assert choices >= 3 * ITEMS
   for a, b in zip(by_doc(ours, 't_docs'), by_doc(ref, 't_docs'), strict=True):
     exact = files.rolling_reference(ref_model, a['arguments'][0][0])
-    # the hf backend sums torch's float32 log_softmax, off by ~2e-5 nats a token (5e-3 on a 270-token
-    # document); the same forward pass with a float64 log_softmax is the reference, to 1e-4 of
-    # float64 forward passes of both models (measured)
+    # the hf backend sums torch's float32 log_softmax, off by ~2e-5 nats a token (5e-3 on a
+    # 270-token document); the same forward pass with a float64 log_softmax is the reference, to
+    # 1e-4 of float64 forward passes of both models (measured)
     assert abs(a['filtered_resps'][0] - exact) <= 1e-3
     assert b['filtered_resps'][0] == pytest.approx(exact, rel=2e-5)
