@@ -49,6 +49,9 @@ class ModelConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = False
   remat: str = 'none'
+  qk_norm: bool = False                  # RMSNorm of each head's queries and keys (before RoPE)
+  attn_softcap: float = 0.0              # > 0: attention logits -> c·tanh(logits / c)
+  logit_softcap: float = 0.0             # > 0: output logits -> c·tanh(logits / c)
   n_decoder_layers: int = 0              # encoder-decoder: decoder depth (0 = n_layers)
   relative_buckets: int = 32             # pos_encoding='relative' (T5): buckets per stack
   relative_max_distance: int = 128       # distance beyond which relative positions share a bucket
@@ -101,6 +104,9 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
   if m.pos_encoding == 'rope' and head_dim % 2:
     raise UserError(f'RoPE needs an even head_dim, got {head_dim}; change d_model/n_heads or head_dim')
   check_t5_fields(m)
+  if m.attn_softcap and m.attention != 'einsum':
+    raise UserError(f'model.attn_softcap={m.attn_softcap} needs model.attention=einsum (the '
+                    f'{m.attention} kernels take no soft-cap); set one or the other')
   # Every family's context is the row: an encoder-decoder's decoder reads [BOS] + seq_len - 1 target
   # tokens and emits seq_len (target + EOS); generate never feeds the last one, so they fit.
   max_len = m.max_len or seq_len
@@ -117,7 +123,8 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
       embed_norm=m.embed_norm, attention=m.attention, dtype=m.dtype,
       param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
       n_decoder_layers=m.n_decoder_layers, relative_buckets=m.relative_buckets,
-      relative_max_distance=m.relative_max_distance)
+      relative_max_distance=m.relative_max_distance, qk_norm=m.qk_norm,
+      attn_softcap=float(m.attn_softcap), logit_softcap=float(m.logit_softcap))
 
 
 def check_t5_fields(m: ConfigDict) -> None:

@@ -199,13 +199,14 @@ def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
 
 # ---- attention ---------------------------------------------------------------------------------
 
-def einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array],
-                     bias: Array | None = None) -> Array:
-  """Reference attention (the oracle): f32 logits and softmax, GQA by grouping query heads.
+def softcap(x: Array, cap: float) -> Array:
+  """cap·tanh(x / cap) (Gemma 2): about x for |x| << cap, never beyond ±cap; 0 = off."""
+  return cap * jnp.tanh(x / cap) if cap else x
 
-  q: [b, t, h, k]; k, v: [b, s, g, k]; mask: [b, 1, t, s]; bias: [1 or b, h, t, s] added to the
-  scaled logits (relative positions) -> [b, t, h, k].
-  """
+
+def attention_logits(q: Array, k: Array, mask: Array, bias: Array | None = None,
+                     cap: float = 0.0) -> Array:
+  """Scaled, biased, soft-capped and masked f32 logits [b, g, r, t, s] (q grouped per kv head)."""
   b, t, h, dk = q.shape
   g = k.shape[2]
   q = q.reshape(b, t, g, h // g, dk)
@@ -213,7 +214,18 @@ def einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout: Callabl
   logits = logits / jnp.sqrt(dk).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], g, h // g, t, bias.shape[-1])
-  logits = jnp.where(mask[:, :, None], logits, NEG_INF)
+  return jnp.where(mask[:, :, None], softcap(logits, cap), NEG_INF)
+
+
+def einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array],
+                     bias: Array | None = None, cap: float = 0.0) -> Array:
+  """Reference attention (the oracle): f32 logits and softmax, GQA by grouping query heads.
+
+  q: [b, t, h, k]; k, v: [b, s, g, k]; mask: [b, 1, t, s]; bias: [1 or b, h, t, s] added to the
+  scaled logits (relative positions); `cap` soft-caps them -> [b, t, h, k].
+  """
+  b, t, h, dk = q.shape
+  logits = attention_logits(q, k, mask, bias, cap)
   probs = dropout(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
   out = jnp.einsum('bgrts,bsgk->btgrk', probs, v)
   return out.reshape(b, t, h, dk)
@@ -267,6 +279,9 @@ class Attention(nn.Module):
       v = dense((c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), name='value')(kv_input)
     else:
       k, v = kv
+    if c.qk_norm:  # per head over head_dim; cross-attention keys given in `kv` are normed already
+      q = head_norm(c, 'query_norm')(q)
+      k = k if kv is not None else head_norm(c, 'key_norm')(k)
     if c.pos_encoding == 'rope' and positions is not None:
       q = apply_rope(q, positions, c.rope_theta)
       k = apply_rope(k, positions, c.rope_theta)
@@ -277,9 +292,11 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
     k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
     v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
+    if self.is_mutable_collection('intermediates'):  # run statistics (train/stats.py) only
+      self.sow('intermediates', 'logit_max', attention_logits(q, k, mask, bias, c.attn_softcap).max())
     if c.attention == 'einsum':
       drop = nn.Dropout(c.attn_dropout, deterministic=self.deterministic)
-      out = einsum_attention(q, k, v, mask, drop, bias)
+      out = einsum_attention(q, k, v, mask, drop, bias, c.attn_softcap)
     else:
       out = fused_attention(q, k, v, mask, c.attention, bias, self.causal and cache is None)
     out = nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_heads', 'head_dim'))
@@ -318,6 +335,14 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
   if cfg.norm == 'rmsnorm':
     return nn.RMSNorm(**kw)
   return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=zeros_init(('embed',)), **kw)
+
+
+def head_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """QK-norm: RMSNorm over each head's head_dim with a learned scale (OLMo 2, Gemma 3), keeping
+  attention logits bounded however large the projections grow."""
+  scale = nn.with_logical_partitioning(nn.initializers.ones_init(), ('head_dim',))
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                    scale_init=scale, name=name)
 
 
 class Block(nn.Module):
@@ -361,4 +386,6 @@ class Block(nn.Module):
     x = residual('mlp_norm', x, Mlp(c, name='mlp')(sublayer_input('mlp_norm', x)))
     if decoding:
       cache = (self_cache, cross_kv) if self.cross else self_cache
+    if self.is_mutable_collection('intermediates'):  # run statistics (train/stats.py) only
+      self.sow('intermediates', 'act_rms', jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
     return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), cache

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import (Array, Block, BlockCache, Linear, RelativeBias, attention_mask, norm,
-                          param_init, sinusoidal_table)
+                          param_init, sinusoidal_table, softcap)
 
 _SAVE_PROJ = jax.checkpoint_policies.save_only_these_names('proj')
 # Named remat policies: what the backward pass may keep instead of recomputing.
@@ -122,7 +122,8 @@ class BlockStack(nn.Module):
       keys = positions if key_positions is None else key_positions
       bias = RelativeBias(c, self.causal, name='relative_bias')(positions, keys)
     if c.scan_layers:
-      scan = nn.scan(_ScanBlock, variable_axes={'params': 0, 'lora': 0}, split_rngs={'params': True, 'dropout': True},
+      scan = nn.scan(_ScanBlock, variable_axes={'params': 0, 'lora': 0, 'intermediates': 0},
+                     split_rngs={'params': True, 'dropout': True},
                      in_axes=(nn.broadcast, nn.broadcast, 0) + (nn.broadcast,) * 4, length=depth,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
       return scan(c, self.deterministic, self.cross, self.causal, name='layers')(
@@ -230,12 +231,14 @@ class Decoder(nn.Module):
     return self.logits(x), cache.replace(layers=layers, index=cache.index + t)
 
   def logits(self, x: Array) -> Array:
-    """Output layer in f32: tied to the token embedding or a separate head."""
+    """Output layer in f32: tied to the token embedding or a separate head; soft-capped when
+    model.logit_softcap > 0."""
     if self.cfg.tie_embeddings:
       table = self.embed.embedding.astype(x.dtype)
       out = jnp.einsum('btd,vd->btv', x, table, preferred_element_type=jnp.float32)
     else:
       out = self.lm_head(x).astype(jnp.float32)
+    out = softcap(out, self.cfg.logit_softcap)
     return nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_vocab'))
 
   def __call__(self, tokens: Array, positions: Array | None = None,
