@@ -200,7 +200,8 @@ import json, sys, time
 import jax
 from experiments import shakespeare_char
 from data.pipeline import build_dataset
-from train.loop import compile_train_step, init_trainer
+from train.step import compile_train_step
+from train.trainer import init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.objectives import objective_for
 cfg = shakespeare_char.get_config()

@@ -17,6 +17,8 @@ config_flags.DEFINE_config_file('config', 'experiments/quickstart.py', 'Experime
 flags.DEFINE_integer('steps', 30, 'Timed steps.')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_bool('measure_peak', False, 'Measure the CPU matmul peak again (keeps the best seen).')
+flags.DEFINE_integer('stats_every', 0, 'Also time the run with per-layer statistics every k steps '
+                     '(metrics.stats_every) against without, interleaved, metrics pulled every step.')
 flags.DEFINE_integer('vocab', 0, 'Vocabulary size (0 = model.vocab_size or 65, as Shakespeare chars).')
 
 
@@ -26,7 +28,8 @@ def main(_):
   import jax
   import numpy as np
 
-  from train.loop import compile_train_step, init_trainer
+  from train.step import compile_train_step
+  from train.trainer import init_trainer
   from train.mesh import global_batch, mesh_rules
   from train.metrics import device_peak_flops, flops_per_token
   from train.objectives import causal_lm_loss
@@ -54,6 +57,8 @@ def main(_):
       state, m = step(state, batch, key)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / F.steps
+    if F.stats_every:
+      state = stats_overhead(trainer, step, state, batch, key, F.stats_every, F.steps)
   tokens_per_step = t.batch_size * t.seq_len
   fpt = flops_per_token(trainer.model_cfg, t.seq_len)
   peak = device_peak_flops(F.measure_peak) * jax.device_count()
@@ -69,6 +74,31 @@ def main(_):
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:  # accelerators only
     print(f'peak device memory {stats["peak_bytes_in_use"] / 2**30:.2f} GiB')
+
+
+def stats_overhead(trainer, step, state, batch, key, every: int, steps: int):
+  """Blocks of `every` steps, without statistics and with them on the block's last step,
+  alternated; prints the median time per step of each and the overhead."""
+  import jax
+  import numpy as np
+
+  from train.objectives import causal_lm_loss
+  from train.step import compile_train_step
+  stats_step = compile_train_step(trainer, causal_lm_loss, batch, with_stats=True)
+  plain, with_stats = [step] * every, [step] * (every - 1) + [stats_step]
+  times = {'plain': [], 'stats': []}
+  for i in range(max(steps // every, 2) * 2 + 2):
+    name, fns = ('plain', plain) if i % 2 == 0 else ('stats', with_stats)
+    t0 = time.perf_counter()
+    for fn in fns:
+      state, m = fn(state, batch, key)
+      jax.device_get(m)  # as the loop does, one step behind
+    if i >= 2:  # the first pair warms up
+      times[name].append((time.perf_counter() - t0) / every)
+  a, b = np.median(times['plain']), np.median(times['stats'])
+  print(f'stats every {every}: {b * 1e3:.2f} ms/step vs {a * 1e3:.2f} without '
+        f'({(b / a - 1):+.1%}; {len(times["stats"])} blocks each)')
+  return state
 
 
 if __name__ == '__main__':

@@ -43,6 +43,9 @@ def get_config() -> ConfigDict:
   m.param_dtype = 'float32'
   m.scan_layers = False           # nn.scan over layers: compile time independent of depth
   m.remat = 'none'                # none | full | dots | dots_no_batch (see model/transformer.py)
+  m.qk_norm = False               # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Gemma 3)
+  m.attn_softcap = 0.0            # > 0: attention logits become c·tanh(logits / c) (Gemma 2: 50; einsum path)
+  m.logit_softcap = 0.0           # > 0: output logits become c·tanh(logits / c) (Gemma 2: 30)
 
   # ---- LoRA adapters (fine-tuning and RLHF stages); the base weights stay frozen ---------------
   a = c.lora = ConfigDict()
@@ -89,7 +92,8 @@ def get_config() -> ConfigDict:
   t.batch_size = 32               # global batch, in rows of seq_len tokens
   t.seq_len = 128
   t.grad_accum = 1                # micro-batches per step (lax.scan); same update as the full batch
-  t.optimizer = 'adamw'           # adamw | adafactor | lion
+  t.optimizer = 'adamw'           # adamw | adafactor | lion | muon (matrices; AdamW at train.lr for embeddings, norms, biases)
+  t.muon_lr = 0.02                # muon: learning rate of the matrices (scaled like train.lr by the schedule)
   t.lr = 1e-3                     # peak learning rate
   t.schedule = 'cosine'           # cosine | linear | constant | wsd (warmup-stable-decay)
   t.warmup_steps = 100
@@ -102,6 +106,11 @@ def get_config() -> ConfigDict:
   t.decay_embeddings = False      # apply weight decay to embeddings too (never to norms/biases)
   t.clip_norm = 1.0               # global-norm clipping; 0 disables
   t.opt_state_dtype = 'float32'   # dtype of the optimizer's first moment (bfloat16 halves its memory)
+  t.z_loss = 0.0                  # > 0: adds z_loss · log(Z)^2 per token to the training loss (PaLM: 1e-4); eval loss excludes it
+  t.spike_threshold = 0.0         # > 0: skip a step whose loss or grad norm is this many std devs above its running mean
+  t.spike_warmup = 20             # steps of running statistics gathered before any step is skipped
+  t.max_skips = 10                # that many skipped steps in a row end the run (it diverged)
+  t.ema_decay = 0.0               # > 0: eval (and the saved EMA) uses an exponential moving average of the weights
   t.log_every = 10
 
   # ---- evaluation ----------------------------------------------------------------------------
@@ -115,6 +124,25 @@ def get_config() -> ConfigDict:
   e.max_new_tokens = 256          # gsm8k/generate tasks: longest reply
   e.temperature = 0.0             # gsm8k/generate tasks: 0 = greedy
   e.template = 'auto'             # gsm8k tasks: chat template, as sft.template (auto | model | default)
+
+  # ---- metrics and experiment tracking (metrics.jsonl and TensorBoard always) ------------------
+  x = c.metrics = ConfigDict()
+  x.stats_every = 0               # per-layer RMS of params, grads, updates and activations every k steps (0 = off)
+  x.wandb = False                 # also log to Weights & Biases (pip install '.[wandb]')
+  x.wandb_project = 'lmlab'
+  x.wandb_entity = ''             # '' = the account's default
+  x.wandb_name = ''               # '' = the workdir's name
+  x.wandb_mode = 'offline'        # offline (no network; `wandb sync --id ID WORKDIR/wandb/offline-run-*` later) | online
+                                  # (ID in WORKDIR/tracking.json; a resumed run continues the same wandb and MLflow runs)
+  x.mlflow = False                # also log to MLflow (pip install '.[mlflow]')
+  x.mlflow_uri = ''               # tracking URI; '' = SQLite, WORKDIR/mlflow.db (MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true)
+  x.mlflow_experiment = 'lmlab'
+
+  # ---- profiler: one jax.profiler trace window (TensorBoard/XProf, Perfetto) --------------------
+  q = c.profile = ConfigDict()
+  q.start_step = 0                # first traced step (0 = off); the trace goes to WORKDIR/profile
+  q.steps = 5                     # steps traced
+  q.top_ops = 10                  # ops printed by time after the window
 
   # ---- checkpoints ---------------------------------------------------------------------------
   k = c.checkpoint = ConfigDict()

@@ -41,7 +41,7 @@ def train_metrics(trainer, objective, batches, seed: int, names: tuple[str, ...]
   and the logical rules: the logged metrics `names` per step, [steps] for one name."""
   import jax
 
-  from train.loop import make_train_step
+  from train.step import make_train_step
   from train.mesh import global_batch, mesh_rules
   step = make_train_step(trainer, objective)
   rows = []

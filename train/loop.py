@@ -1,7 +1,7 @@
 """The training loop shared by every stage: one jitted step over a mesh, eval, metrics, checkpoints.
 
 A stage differs only in its batch source and its loss function (train/objectives.py); the trainer
-it runs on is built by train/trainer.py.
+it runs on is built by train/trainer.py, its jitted steps by train/step.py.
 """
 import dataclasses
 import math
@@ -10,105 +10,19 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
-import optax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from data.rows import TrainData
-from model.errors import UserError
 from train import checkpoint
-from train.mesh import batch_sharding, global_batch, mesh_rules
+from train.goodput import Stopwatch, goodput_line, goodput_metrics
+from train.mesh import global_batch, mesh_rules
 from train.metrics import MetricWriter, device_peak_flops, flops_per_token
-from train.objectives import LossFn, objective_for, objective_weight
-from train.state import TrainState, lr_schedule
-from train.trainer import Trainer, init_trainer, with_frozen
-
-Batch = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class BoundStep:
-  """A jitted step with the trainer's frozen base as its second argument, called without it."""
-  fn: Any
-  frozen: Any
-
-  def __call__(self, first: Any, *rest: Any) -> Any:
-    return self.fn(first, self.frozen, *rest)
-
-  def lower(self, first: Any, *rest: Any) -> Any:
-    return self.fn.lower(first, self.frozen, *rest)
-
-
-def make_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn]) -> BoundStep:
-  """One optimizer step, step(state, batch, rng); `objective` is a loss factory of the model's
-  apply function (train/objectives.py). With grad_accum > 1 a lax.scan over micro-batches gives
-  the same update. Gradients are taken only with respect to `state.params`."""
-  t = trainer.cfg.train
-  schedule, tx, accum = lr_schedule(t), trainer.tx, t.grad_accum
-  data_sharding = batch_sharding(trainer.mesh)
-
-  def step(state: TrainState, frozen: Any, batch: Batch, rng: jax.Array):
-    apply_fn = with_frozen(trainer.model.apply, frozen, trainer.heads)
-    grad_fn = jax.value_and_grad(objective(apply_fn), has_aux=True)
-    rng = jax.random.fold_in(rng, state.step)
-    if accum == 1:
-      (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
-    else:
-      # Strided split (row i goes to micro-batch i % accum) keeps every micro-batch spread over
-      # all data-parallel devices instead of a contiguous block living on a few of them.
-      micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-
-      def body(carry, xs):
-        mb, i = xs
-        mb = jax.lax.with_sharding_constraint(mb, data_sharding)
-        out = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, out), None
-
-      first = jax.tree.map(lambda x: x[0], micro)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
-      ((loss_sum, aux), grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-    aux = dict(aux)
-    weight = jnp.maximum(objective_weight(aux, batch), 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss_sum / weight, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(state.step), **{k: v / weight for k, v in aux.items()}}
-    return TrainState(state.step + 1, params, opt_state), metrics
-
-  jitted = jax.jit(step, in_shardings=(trainer.state_sharding, trainer.frozen_sharding,
-                                       data_sharding, None),
-                   out_shardings=(trainer.state_sharding, None), donate_argnums=0)
-  return BoundStep(jitted, trainer.frozen)
-
-
-def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn], batch: Batch
-                       ) -> BoundStep:
-  """Ahead-of-time compile of the train step for this batch's shapes; prints XLA's memory analysis
-  (per device) so a researcher sees whether a run fits before it starts."""
-  step = make_train_step(trainer, objective)
-  compiled = step.lower(trainer.state, batch, jax.random.PRNGKey(0)).compile()
-  mem = compiled.memory_analysis()
-  if mem is not None and jax.process_index() == 0:
-    gib = lambda n: f'{n / 2**30:.3f} GiB'
-    print(f'train step per device: arguments {gib(mem.argument_size_in_bytes)}, outputs '
-          f'{gib(mem.output_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)}, '
-          f'aliased (donated) {gib(mem.alias_size_in_bytes)}', flush=True)
-  return BoundStep(compiled, trainer.frozen)
-
-
-def make_eval_step(trainer: Trainer, objective: Callable[[Callable], LossFn]) -> BoundStep:
-  """eval_step(params, batch) -> loss and metric sums with their weight, on the eval model."""
-  def step(params, frozen, batch):
-    loss_sum, aux = objective(with_frozen(trainer.eval_model.apply, frozen, trainer.heads))(
-        params, batch, jax.random.PRNGKey(0))
-    aux = dict(aux)
-    return {'loss_sum': loss_sum, 'weight': objective_weight(aux, batch), **aux}
-  jitted = jax.jit(step, in_shardings=(trainer.state_sharding.params, trainer.frozen_sharding,
-                                       batch_sharding(trainer.mesh)))
-  return BoundStep(jitted, trainer.frozen)
-
+from train.objectives import LossFn, objective_for
+from train.profiling import profile_window
+from train.stability import check_step, ema_params
+from train.step import compile_train_step, make_eval_step
+from train.trainer import Trainer, init_trainer
 
 def evaluate(trainer: Trainer, eval_step, params, batches: list[dict], bytes_per_token: float
              ) -> dict[str, float]:
@@ -141,6 +55,14 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def eval_view(trainer: Trainer) -> Trainer:
+  """The trainer as evaluation sees it: with its EMA weights when train.ema_decay > 0."""
+  ema = ema_params(trainer.state.opt_state)
+  if ema is None:
+    return trainer
+  return dataclasses.replace(trainer, state=trainer.state.replace(params=ema))
+
+
 def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], train_iter: Iterator,
                  eval_batches: list[dict], workdir: str, info: dict[str, Any],
                  on_eval: Callable[[Trainer], dict[str, float]] | None = None) -> dict[str, float]:
@@ -150,8 +72,10 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
 
   Metrics for step t are pulled to the host after step t+1 is dispatched, so logging never
   stalls the device. Returns the last logged metrics: with the final eval, or with
-  'preempted': True when SIGTERM stopped the run early.
+  'preempted': True when SIGTERM stopped the run early. Both carry the goodput figures
+  (train/goodput.py) and, after a profile window (train/profiling.py), its `profile_dir`.
   """
+  watch = Stopwatch('startup')  # every second of this call is charged to one category
   cfg, t = trainer.cfg, trainer.cfg.train
   manager = checkpoint.make_manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
   tokens_per_step = t.batch_size * t.seq_len
@@ -162,83 +86,142 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
   start, tokens, flops = 0, 0, 0.0
   latest = manager.latest_step()
   if latest is not None:
+    watch.switch('restore')
     trainer.state, meta = checkpoint.restore(manager, latest, trainer.state, train_iter)
+    watch.switch('startup')
     start, tokens, flops = latest, meta['tokens'], meta['flops']
     print(f'resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}', flush=True)
 
   eval_step = make_eval_step(trainer, objective)
   # rows after the checkpoint are redone: drop them (and the final row, which a finished run rewrites)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
-                        resume_step=min(start, t.steps - 1))
+                        resume_step=min(start, t.steps - 1), config=cfg)
   rng = jax.random.PRNGKey(cfg.seed + 1)
   preempt = _Preemption()
   last: dict[str, float] = {}
   bar = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
              mininterval=1.0, disable=jax.process_index() != 0)
+  echo = bar.write if jax.process_index() == 0 else lambda line: None
+  window = profile_window(cfg.profile, workdir, start, t.steps, echo)
   pending = None  # (step, device metrics) of the step whose metrics are not yet on the host
+  clipped = 0.0   # steps whose gradient was clipped
   clock = time.perf_counter()
+
+  def is_stats(step: int) -> bool:  # per-layer statistics (train/stats.py) on this step
+    return bool(cfg.metrics.stats_every) and step % cfg.metrics.stats_every == 0
 
   def is_eval(step: int) -> bool:  # the final step's eval is written after the loop
     return bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and step != t.steps
 
-  def flush() -> None:
-    nonlocal pending, clock, tokens, flops, last
+  def flush(log: bool = True) -> None:
+    """Pull the pending step's metrics (waiting for it), check the loss, and log (`log`)."""
+    nonlocal pending, clock, tokens, flops, last, clipped
     if pending is None:
       return
     step, metrics = pending
     pending = None
+    watch.switch('step')
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(m['loss']):
-      raise UserError(f'loss became {m["loss"]} at step {step}; lower train.lr, raise '
-                      'train.warmup_steps or set train.clip_norm (no checkpoint of this step was kept)')
+    watch.switch('other')
+    check_step(m, step, t.max_skips)
+    clipped += m.get('clipped', 0.0)
     now = time.perf_counter()
     dt, clock = now - clock, now
     tokens += tokens_per_step
     flops += tokens_per_step * flops_token
     last = {**m, 'tokens': tokens, 'flops': flops, 'step_time': dt,
             'tokens_per_sec': tokens_per_step / dt, 'mfu': tokens_per_step * flops_token / dt / peak}
-    if step % t.log_every == 0 and step != t.steps and not is_eval(step):
+    if 'clipped' in m:  # over the steps this process ran
+      last['clipped_fraction'] = clipped / (step - start)
+    if (log and (step % t.log_every == 0 or is_stats(step)) and step != t.steps
+        and not is_eval(step)):
       writer.write(step, last)  # eval steps (the final one too) are written once, with their eval
     bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
     bar.update(1)
+
+  def run_eval(view: Trainer) -> dict[str, float]:
+    out = evaluate(view, eval_step, view.state.params, eval_batches, bytes_per_token)
+    return {**out, **(on_eval(view) if on_eval else {})}
 
   def save(step: int) -> None:
     checkpoint.save(manager, step, trainer.state, {'step': step, 'tokens': tokens, 'flops': flops},
                     train_iter)
 
+  def with_goodput(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with the goodput figures so far (printed in one line) and the profile's folder."""
+    watch.switch('other')
+    seconds = watch.seconds()
+    echo(goodput_line(seconds))
+    return {**row, **goodput_metrics(seconds),
+            **({'profile_dir': window.run_dir} if window.run_dir else {})}
+
   try:
     with mesh_rules(trainer.mesh):
-      train_step = None
+      train_step = stats_step = None
       for step in range(start + 1, t.steps + 1):
+        if window.begins(step):
+          flush()  # no step in flight: the trace holds the window's steps only
+          watch.switch('profile')
+          window.start()
+        window.mark(step)
+        watch.switch('data')
         batch = global_batch(next(train_iter), trainer.mesh)
         if train_step is None:
+          watch.switch('compile')
           train_step = compile_train_step(trainer, objective, batch)
           clock = time.perf_counter()
-        trainer.state, metrics = train_step(trainer.state, batch, rng)
+        if is_stats(step) and stats_step is None:
+          watch.switch('compile')
+          stats_step = compile_train_step(trainer, objective, batch, with_stats=True)
+          clock = time.perf_counter()
+        watch.switch('step')
+        trainer.state, metrics = (stats_step if is_stats(step) else train_step)(trainer.state,
+                                                                                batch, rng)
         flush()
         pending = (step, metrics)
+        watch.switch('other')
+        stopping = preempt.requested  # read once: this step's row is written on the way out
         is_ckpt = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if is_eval(step) or is_ckpt or preempt.requested:
-          flush()  # this step's loss is checked before anything is saved
+        if is_eval(step) or is_ckpt or stopping or window.ends(step):
+          flush(log=not stopping)  # this step's loss is checked before anything is saved
+        if window.ends(step):
+          watch.switch('profile')
+          window.stop(trainer.state)
+          watch.switch('other')
+          clock = time.perf_counter()  # the profiler's time is not training time
         if is_eval(step):
-          last.update(evaluate(trainer, eval_step, trainer.state.params, eval_batches, bytes_per_token))
-          last.update(on_eval(trainer) if on_eval else {})
-          writer.write(step, last)
+          watch.switch('eval')
+          last.update(run_eval(eval_view(trainer)))
+          watch.switch('other')
+          if not stopping:
+            writer.write(step, last)
           bar.write(f'step {step}: eval_loss {last["eval_loss"]:.4f}')
           clock = time.perf_counter()  # eval time is not training time
-        if (is_ckpt or preempt.requested) and step != t.steps:
+        if (is_ckpt or stopping) and step != t.steps:
+          watch.switch('checkpoint')
           save(step)
-        if preempt.requested:
+        if stopping:
+          if window.tracing:  # a window cut short keeps its trace
+            watch.switch('profile')
+            window.stop(trainer.state)
+          watch.switch('checkpoint')
           checkpoint.wait(manager)
           bar.write(f'SIGTERM: saved checkpoint at step {step}; rerun the same command to resume')
-          return {**last, 'preempted': True}
+          last = with_goodput({**last, 'preempted': True})
+          writer.write(step, last)
+          return last
       flush()
       if start < t.steps:
+        watch.switch('checkpoint')
         save(t.steps)
-      last.update(evaluate(trainer, eval_step, trainer.state.params, eval_batches, bytes_per_token))
-      last.update(on_eval(trainer) if on_eval else {})
+      watch.switch('eval')
+      last.update(run_eval(eval_view(trainer)))
+      watch.switch('checkpoint')
+      checkpoint.wait(manager)  # the final save commits within the time accounted for
+      last = with_goodput(last)
       writer.write(t.steps, last)
   finally:
+    window.stop()  # a run stopped inside the window keeps its trace
     bar.close()
     preempt.restore()
     try:

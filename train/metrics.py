@@ -1,4 +1,4 @@
-"""FLOPs per token, device peak and MFU; metrics to JSONL and TensorBoard."""
+"""FLOPs per token, device peak and MFU; metrics to JSONL, TensorBoard and the trackers."""
 import json
 import os
 import platform
@@ -8,8 +8,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
 from model.config import ModelConfig
+from train.tracking import (INFO_FILE, close_trackers, enabled_trackers, mirror, open_trackers,
+                            run_metadata)
 from train.workdir import write_text_atomic, write_json_atomic
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
@@ -114,23 +117,42 @@ def device_peak_flops(remeasure: bool = False) -> float:
 
 
 class MetricWriter:
-  """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
+  """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard and to
+  the trackers (wandb, MLflow) that the run's config turns on.
 
   Each row is one `write` of a whole line on an O_APPEND descriptor, so a crash leaves whole rows.
   A run resumed from step k (`resume_step`) first drops the rows after k, which the steps it is
-  about to redo would otherwise duplicate; TensorBoard purges those steps the same way.
+  about to redo would otherwise duplicate; TensorBoard purges those steps the same way. Trackers
+  cannot drop rows: a resumed run continues their runs and skips the steps they already hold (up
+  to the last row metrics.jsonl had; CPU resume is exact, so those values stand), and a run from
+  scratch (`resume_step` 0) starts new tracker runs. `config` is the run's whole config: its
+  `metrics` section picks the trackers (train/tracking.py), which are given the run's metadata,
+  also written to WORKDIR/run_info.json.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
+               config: ConfigDict | None = None):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
     path = os.path.join(workdir, 'metrics.jsonl')
+    self._trackers = self._open_trackers(workdir, config, resume_step)
+    self._tracked_through = last_logged_step(path) if resume_step else None
     keep_rows_through(path, resume_step)
     self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     purge = None if resume_step is None else resume_step + 1
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge)
+
+  @staticmethod
+  def _open_trackers(workdir: str, config: ConfigDict | None, resume_step: int | None) -> list:
+    if config is None:
+      return []
+    m = config.get('metrics')
+    classes = enabled_trackers(m)  # a missing library fails here, before any file is written
+    metadata = run_metadata(config)
+    write_json_atomic(os.path.join(workdir, INFO_FILE), metadata, indent=2)
+    return open_trackers(classes, m, workdir, metadata, new_run=resume_step == 0)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -139,19 +161,39 @@ class MetricWriter:
     line = (json.dumps({'step': step, **clean}) + '\n').encode()
     if os.write(self._fd, line) != len(line):  # a short write only happens when the disk is full
       raise OSError(28, f'metrics.jsonl: short write at step {step} (disk full?)')
-    for k, v in clean.items():
-      if isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
+    scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    if self._trackers and (self._tracked_through is None or step > self._tracked_through):
+      self._trackers = mirror(self._trackers, step, scalars)
 
   def close(self) -> None:
     if not self.enabled:
       return
     os.close(self._fd)
+    close_trackers(self._trackers)
     try:
       self._tb.close()
     except OSError:  # disk full: the mirror loses its tail (metrics.jsonl is the record) ...
       for writer in (self._tb.all_writers or {}).values():
         writer.event_writer._closed = True  # ... and tensorboardX's atexit hook must not retry
+
+
+def _row(line: str) -> dict | None:
+  """A whole row of metrics.jsonl, or None for a line cut short by a crash (or not a row)."""
+  try:
+    row = json.loads(line) if line.endswith('\n') else None
+  except ValueError:
+    return None
+  return row if isinstance(row, dict) else None
+
+
+def last_logged_step(path: str) -> int | None:
+  """The highest step of a whole row in `path` (None: no file, no rows)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return max((row.get('step', 0) for row in map(_row, f) if row is not None), default=None)
 
 
 def keep_rows_through(path: str, last_step: int | None) -> None:
@@ -163,11 +205,8 @@ def keep_rows_through(path: str, last_step: int | None) -> None:
     text = f.read()
   kept = []
   for line in text.splitlines(keepends=True):
-    try:
-      row = json.loads(line) if line.endswith('\n') else None
-    except ValueError:
-      row = None
-    if isinstance(row, dict) and (last_step is None or row.get('step', 0) <= last_step):
+    row = _row(line)
+    if row is not None and (last_step is None or row.get('step', 0) <= last_step):
       kept.append(line)
   if ''.join(kept) != text:
     write_text_atomic(path, ''.join(kept))

@@ -24,6 +24,13 @@ def scored_sums(logits: jax.Array, labels: jax.Array, w: jax.Array) -> tuple[jax
   return (token_nll(logits, labels) * w).sum(), {'accuracy': (correct * w).sum()}
 
 
+def z_loss_sum(logits: jax.Array, w: jax.Array) -> jax.Array:
+  """Sum of log(Z)^2 over the tokens, weighted by `w`: pulls each row's softmax normaliser
+  towards 1, so the output logits cannot drift to large values (PaLM's auxiliary z-loss)."""
+  log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return (jnp.square(log_z) * w).sum()
+
+
 def batch_weight(batch: Batch) -> jax.Array:
   """Number of scored target tokens: the denominator of every token-level loss."""
   return batch['weights'].sum()

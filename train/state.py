@@ -1,4 +1,5 @@
-"""Train state and the optax optimizer factory (schedules, clipping, weight-decay mask)."""
+"""Train state and the optax optimizer factory (schedules, clipping, weight-decay mask, Muon,
+spike skipping and weight EMA)."""
 from typing import Any
 
 import flax.struct
@@ -8,6 +9,7 @@ import optax
 from ml_collections import ConfigDict
 
 from model.errors import UserError
+from train.stability import skip_spikes, weight_ema
 
 PyTree = Any
 
@@ -43,22 +45,66 @@ def lr_schedule(t: ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, tail], [warm])
 
 
+def key_names(path: tuple) -> list[str]:
+  """The dict keys of a parameter's path; a logical-axes box (nn.Partitioned, present while the
+  optimizer state is initialised) adds an attribute key that is dropped."""
+  return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
 def decay_mask(params: PyTree, decay_embeddings: bool) -> PyTree:
   """Weight decay on matmul kernels (and embeddings by choice); never on norms or biases."""
   def leaf(path, _):
-    name = getattr(path[-1], 'key', str(path[-1]))
+    name = key_names(path)[-1]
     return name == 'kernel' or (decay_embeddings and name == 'embedding')
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+# Matrices Muon orthogonalises, by the name of their layer: (reduction axes, output axes) counted
+# from the end, so a scanned stack's leading layer axis is a batch axis. Embeddings, the output
+# layer, heads, norms, biases and LoRA adapters are left to AdamW (Jordan et al. 2024).
+MUON_AXES = {'query': ((-3,), (-2, -1)), 'key': ((-3,), (-2, -1)), 'value': ((-3,), (-2, -1)),
+             'out': ((-3, -2), (-1,)), 'gate': ((-2,), (-1,)), 'up': ((-2,), (-1,)),
+             'down': ((-2,), (-1,))}
+
+
+def muon_labels(params: PyTree) -> PyTree:
+  """'muon' for the transformer layers' projection kernels, 'adam' for everything else."""
+  def leaf(path, _):
+    names = key_names(path)
+    return 'muon' if names[-1] == 'kernel' and len(names) > 1 and names[-2] in MUON_AXES else 'adam'
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def muon_dims(params: PyTree) -> PyTree:
+  """Each Muon matrix's MuonDimensionNumbers (called on the Muon partition only)."""
+  def leaf(path, _):
+    reduction, output = MUON_AXES[key_names(path)[-2]]
+    return optax.contrib.MuonDimensionNumbers(reduction, output)
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def muon(t: ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
+  """Muon at train.muon_lr (on train.lr's schedule) for the layers' matrices, AdamW with the
+  usual decay mask for the rest."""
+  scale = t.muon_lr / t.lr
+  matrices = optax.contrib.muon(lambda step: schedule(step) * scale, beta=0.95,
+                                weight_decay=t.weight_decay, mu_dtype=jnp.dtype(t.opt_state_dtype),
+                                muon_weight_dimension_numbers=muon_dims)
+  rest = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=mask)
+  return optax.partition({'muon': matrices, 'adam': rest}, muon_labels)
+
+
 def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
-  """The optimizer from `config.train`, with global-norm clipping first."""
+  """The optimizer from `config.train`: global-norm clipping first, then the update rule, inside
+  the weight EMA and the spike guard when those are on (train/stability.py)."""
   schedule = lr_schedule(t)
   mask = lambda p: decay_mask(p, t.decay_embeddings)
   mu_dtype = jnp.dtype(t.opt_state_dtype)
   if t.optimizer == 'adamw':
     opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=mask,
                       mu_dtype=mu_dtype)
+  elif t.optimizer == 'muon':
+    opt = muon(t, schedule, mask)
   elif t.optimizer == 'lion':
     opt = optax.lion(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=mask,
                      mu_dtype=mu_dtype)
@@ -66,7 +112,11 @@ def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
     opt = optax.adafactor(schedule, weight_decay_rate=t.weight_decay or None,
                           weight_decay_mask=mask, multiply_by_parameter_scale=False)
   else:
-    raise UserError(f'train.optimizer={t.optimizer!r} is not one of adamw, adafactor, lion')
+    raise UserError(f'train.optimizer={t.optimizer!r} is not one of adamw, adafactor, lion, muon')
   if t.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(t.clip_norm), opt)
+    opt = optax.chain(optax.clip_by_global_norm(t.clip_norm), opt)
+  if t.ema_decay > 0:
+    opt = weight_ema(opt, t.ema_decay)
+  if t.spike_threshold > 0:
+    opt = skip_spikes(opt, t.spike_threshold, t.spike_warmup)
   return opt

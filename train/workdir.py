@@ -6,6 +6,8 @@ that are whole or absent.
   WORKDIR/tokenizer/      the run's tokenizer (data/tokenizer.py), for runs trained from scratch
   WORKDIR/checkpoints/    orbax steps (train/checkpoint.py)
   WORKDIR/metrics.jsonl   one row per logged step (train/metrics.py)
+  WORKDIR/run_info.json   config, code commit, package versions at the latest start (tracking.py)
+  WORKDIR/tracking.json   wandb and MLflow run ids; wandb/, mlflow.db, mlartifacts/ hold their data
   WORKDIR/*.json          stage summaries (write_summary), written atomically by process 0
 
 The lock is an OS-level `flock` on WORKDIR/.lock held through an open descriptor, so it dies with

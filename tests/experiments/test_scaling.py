@@ -8,7 +8,8 @@ from experiments import scaling_cpu, scaling_smoke
 from experiments.studies import scaling
 from model.config import model_config
 from model.errors import UserError
-from train.loop import init_trainer, make_train_step
+from train.step import make_train_step
+from train.trainer import init_trainer
 from train.metrics import flops_per_token, matmul_params
 from train.objectives import causal_lm_loss
 

@@ -7,7 +7,8 @@ import pytest
 from model.config import with_lora
 from model.errors import UserError
 from model.lora import count_params, merge_lora
-from train.loop import init_trainer, make_train_step
+from train.step import make_train_step
+from train.trainer import init_trainer
 from train.objectives import causal_lm_loss
 from tests.helpers import random_batch, tiny_config
 

@@ -17,7 +17,8 @@ from model.layers import attention_mask, einsum_attention, fused_attention, rela
 from model.sampling import Sampling
 from model.transformer import build_model, init_cache
 from train import checkpoint
-from train.loop import init_trainer, make_train_step
+from train.step import make_train_step
+from train.trainer import init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.objectives import seq2seq_loss
 from train.metrics import flops_per_token

@@ -22,7 +22,8 @@ from model.sampling import Sampling, sample_logits
 from model.transformer import build_model
 from tests.helpers import tiny_config
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
-from train.loop import init_trainer, make_train_step
+from train.step import make_train_step
+from train.trainer import init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.rl.ppo import (clipped_policy_terms, ends_with, gae, group_advantages, grpo_loss,
                        join_rollout, ppo_policy_loss, ppo_value_loss, token_rewards)

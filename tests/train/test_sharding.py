@@ -78,7 +78,8 @@ def test_checkpoint_moves_between_meshes(tmp_path):
 
 COMPILE_STEP = '''
 import jax, numpy as np
-from train.loop import init_trainer, make_train_step
+from train.step import make_train_step
+from train.trainer import init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.objectives import causal_lm_loss
 from tests.helpers import random_batch

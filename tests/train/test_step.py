@@ -8,7 +8,8 @@ import pytest
 
 from model.config import model_config
 from model.transformer import build_model
-from train.loop import init_trainer, make_train_step
+from train.step import make_train_step
+from train.trainer import init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.metrics import flops_per_token
 from train.objectives import causal_lm_loss

@@ -30,7 +30,7 @@ from model.errors import UserError
 from model.lora import merged_params
 from train import checkpoint
 from train.rl.hacking import HackingThresholds, hacking_alarms, reward_disagreement
-from train.loop import make_train_step
+from train.step import make_train_step
 from train.mesh import global_batch, mesh_rules
 from train.metrics import MetricWriter
 from train.workdir import write_summary
@@ -208,7 +208,7 @@ def train_rl(run: RlRun, prompts: PromptSource, workdir: str, steps: int, seed: 
   group = r.group_size if run.variant.grouped else 1
   width = prompts.width + r.response_len
   step_fns = train_steps(run)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, config=policy.cfg)
   streak, first_alarm, stopped, step = 0, None, None, start
   try:
     for step in range(start + 1, steps + 1):

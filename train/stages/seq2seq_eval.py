@@ -39,7 +39,7 @@ def report_exact_match(trainer: Trainer, dataset: Seq2SeqDataset, cfg: ConfigDic
   examples = dataset.eval_examples(cfg.train.seq_len)[:cfg.data.seq2seq.exact_match]
   score = exact_match(trainer, examples, dataset.tokenizer, cfg.train.seq_len,
                       cfg.eval.batch_size or cfg.train.batch_size)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, config=cfg)
   writer.write(cfg.train.steps, {'exact_match': score, 'exact_match_examples': len(examples)})
   writer.close()
   return score

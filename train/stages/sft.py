@@ -35,7 +35,8 @@ from model.sampling import Sampling
 from model.transformer import build_model
 from train import checkpoint
 from train.eval.generation import Generator
-from train.loop import evaluate, make_eval_step, run_training
+from train.loop import evaluate, run_training
+from train.step import make_eval_step
 from train.workdir import write_summary
 from train.objectives import LossFn, causal_lm_loss, classification_loss, objective_for
 from train.trainer import Trainer, inference_params, init_trainer
