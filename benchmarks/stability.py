@@ -1,7 +1,7 @@
 """Stability tools and Muon on the Shakespeare recipe (experiments/shakespeare_char.py): loss
 curves as a PNG and a table of final figures.
 
-  python benchmarks/stability.py --out=runs/stability            # all variants, ~6 min each
+  python benchmarks/stability.py --out=runs/stability            # all variants, ~4-6 min each
   python benchmarks/stability.py --out=/tmp/s --steps=100 --variants=unstable,tools   # smoke
 
 Variants (each a run.py subprocess, resumed if its folder holds a finished run):
@@ -9,6 +9,7 @@ Variants (each a run.py subprocess, resumed if its folder holds a finished run):
   unstable  lr 10x too high (1e-2)
   tools     lr 1e-2 with z-loss 1e-4, QK-norm and spike skipping (6 std devs)
   muon      Muon (matrices at lr 0.02) with AdamW at lr 1e-3 for embeddings and norms
+  unstable30, tools30   the same two at lr 30x too high (3e-2)
 Every run logs per-layer statistics every 50 steps, so the table gives the largest attention
 logit seen: the quantity that grows without bound in a run that diverges (Wortsman et al. 2023).
 """
@@ -26,6 +27,9 @@ VARIANTS = {
     'tools': ['--config.train.lr=1e-2', '--config.train.z_loss=1e-4', '--config.model.qk_norm=True',
               '--config.train.spike_threshold=6'],
     'muon': ['--config.train.optimizer=muon'],
+    'unstable30': ['--config.train.lr=3e-2'],
+    'tools30': ['--config.train.lr=3e-2', '--config.train.z_loss=1e-4', '--config.model.qk_norm=True',
+                '--config.train.spike_threshold=6'],
 }
 flags.DEFINE_string('out', 'runs/stability', 'Folder of the runs, the PNG and results.json.')
 flags.DEFINE_list('variants', list(VARIANTS), 'Variants to run, of ' + ', '.join(VARIANTS))
