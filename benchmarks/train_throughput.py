@@ -6,6 +6,7 @@
 Random token batches (no data pipeline, so only the model and optimizer are timed); the first
 steps are warm-up and not counted. The peak on CPU is a measured jit'ed f32 matmul (cached).
 """
+import functools
 import resource
 import time
 
@@ -46,7 +47,8 @@ def main(_):
                weights=np.ones((t.batch_size, t.seq_len), np.float32))
   with mesh_rules(trainer.mesh):
     batch = global_batch(batch, trainer.mesh)
-    step = compile_train_step(trainer, causal_lm_loss, batch)
+    objective = functools.partial(causal_lm_loss, loss_chunk=t.loss_chunk, z_loss=t.z_loss > 0)
+    step = compile_train_step(trainer, objective, batch)
     key = jax.random.PRNGKey(0)
     state = trainer.state
     for _ in range(F.warmup):
@@ -58,7 +60,7 @@ def main(_):
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / F.steps
     if F.stats_every:
-      state = stats_overhead(trainer, step, state, batch, key, F.stats_every, F.steps)
+      state = stats_overhead(trainer, objective, step, state, batch, key, F.stats_every, F.steps)
   tokens_per_step = t.batch_size * t.seq_len
   fpt = flops_per_token(trainer.model_cfg, t.seq_len)
   peak = device_peak_flops(F.measure_peak) * jax.device_count()
@@ -76,15 +78,14 @@ def main(_):
     print(f'peak device memory {stats["peak_bytes_in_use"] / 2**30:.2f} GiB')
 
 
-def stats_overhead(trainer, step, state, batch, key, every: int, steps: int):
+def stats_overhead(trainer, objective, step, state, batch, key, every: int, steps: int):
   """Blocks of `every` steps, without statistics and with them on the block's last step,
   alternated; prints the median time per step of each and the overhead."""
   import jax
   import numpy as np
 
-  from train.objectives import causal_lm_loss
   from train.step import compile_train_step
-  stats_step = compile_train_step(trainer, causal_lm_loss, batch, with_stats=True)
+  stats_step = compile_train_step(trainer, objective, batch, with_stats=True)
   plain, with_stats = [step] * every, [step] * (every - 1) + [stats_step]
   times = {'plain': [], 'stats': []}
   for i in range(max(steps // every, 2) * 2 + 2):

@@ -38,13 +38,14 @@ def get_config() -> ConfigDict:
   m.tie_embeddings = True         # output layer = token embedding transposed
   m.type_vocab_size = 0           # token-type (BERT segment A/B) embeddings; 0 = none
   m.embed_norm = False            # norm after the summed embeddings (BERT)
-  m.attention = 'einsum'          # einsum (reference) | xla | cudnn  (jax.nn.dot_product_attention)
+  m.attention = 'einsum'          # einsum (reference) | xla | cudnn (jax.nn.dot_product_attention)
+                                  # | splash (Pallas TPU kernel; interpreted off TPU: model/splash.py)
   m.dtype = 'float32'             # compute dtype: float32 on CPU, bfloat16 on accelerators
   m.param_dtype = 'float32'
   m.scan_layers = False           # nn.scan over layers: compile time independent of depth
   m.remat = 'none'                # none | full | dots | dots_no_batch (see model/transformer.py)
   m.qk_norm = False               # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Gemma 3)
-  m.attn_softcap = 0.0            # > 0: attention logits become c·tanh(logits / c) (Gemma 2: 50; einsum path)
+  m.attn_softcap = 0.0            # > 0: attention logits become c·tanh(logits / c) (Gemma 2: 50; einsum, splash)
   m.logit_softcap = 0.0           # > 0: output logits become c·tanh(logits / c) (Gemma 2: 30)
 
   # ---- LoRA adapters (fine-tuning and RLHF stages); the base weights stay frozen ---------------
@@ -106,6 +107,7 @@ def get_config() -> ConfigDict:
   t.decay_embeddings = False      # apply weight decay to embeddings too (never to norms/biases)
   t.clip_norm = 1.0               # global-norm clipping; 0 disables
   t.opt_state_dtype = 'float32'   # dtype of the optimizer's first moment (bfloat16 halves its memory)
+  t.loss_chunk = 0                # > 0: output logits and loss this many positions at a time (no [batch, seq_len, vocab] array)
   t.z_loss = 0.0                  # > 0: adds z_loss · log(Z)^2 per token to the training loss (PaLM: 1e-4); eval loss excludes it
   t.spike_threshold = 0.0         # > 0: skip a step whose loss or grad norm is this many std devs above its running mean
   t.spike_warmup = 20             # steps of running statistics gathered before any step is skipped

@@ -12,7 +12,7 @@ _CHOICES = {
     'norm': ('rmsnorm', 'layernorm'),
     'norm_position': ('pre', 'post'),
     'mlp': ('swiglu', 'gelu', 'gelu_exact', 'relu'),
-    'attention': ('einsum', 'xla', 'cudnn'),
+    'attention': ('einsum', 'xla', 'cudnn', 'splash'),
     'remat': ('none', 'full', 'dots', 'dots_no_batch'),
     'dtype': ('float32', 'bfloat16', 'float16'),
     'param_dtype': ('float32', 'bfloat16'),
@@ -104,9 +104,11 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
   if m.pos_encoding == 'rope' and head_dim % 2:
     raise UserError(f'RoPE needs an even head_dim, got {head_dim}; change d_model/n_heads or head_dim')
   check_t5_fields(m)
-  if m.attn_softcap and m.attention != 'einsum':
-    raise UserError(f'model.attn_softcap={m.attn_softcap} needs model.attention=einsum (the '
-                    f'{m.attention} kernels take no soft-cap); set one or the other')
+  if m.attn_softcap and m.attention not in ('einsum', 'splash'):
+    raise UserError(f'model.attn_softcap={m.attn_softcap} needs model.attention=einsum or splash '
+                    f'(the {m.attention} kernels take no soft-cap); set one or the other')
+  if m.attention == 'splash':
+    check_splash_fields(m, seq_len)
   # Every family's context is the row: an encoder-decoder's decoder reads [BOS] + seq_len - 1 target
   # tokens and emits seq_len (target + EOS); generate never feeds the last one, so they fit.
   max_len = m.max_len or seq_len
@@ -135,6 +137,20 @@ def check_t5_fields(m: ConfigDict) -> None:
   if m.pos_encoding == 'relative' and not 4 <= m.relative_buckets < 2 * m.relative_max_distance:
     raise UserError(f'model.relative_buckets={m.relative_buckets} must be at least 4 and below '
                     f'twice model.relative_max_distance={m.relative_max_distance}')
+
+
+def check_splash_fields(m: ConfigDict, seq_len: int) -> None:
+  """What the splash kernel (model/splash.py) cannot do: added logits, attention dropout, tiles
+  that do not divide the sequence."""
+  if m.pos_encoding == 'relative':
+    raise UserError('model.attention=splash takes no logit bias (T5 relative positions); use '
+                    'model.attention=einsum or another model.pos_encoding')
+  if m.attn_dropout:
+    raise UserError(f'model.attn_dropout={m.attn_dropout} needs model.attention=einsum (the splash '
+                    'kernel has no dropout); set one or the other')
+  if seq_len % 128:
+    raise UserError(f'model.attention=splash needs train.seq_len a multiple of 128 (its tiles), '
+                    f'got {seq_len}; change train.seq_len or use model.attention=einsum')
 
 
 LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')

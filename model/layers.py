@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
+from model.splash import splash_attention
 
 Array = jax.Array
 Init = Callable[..., Array]
@@ -258,8 +259,11 @@ class Attention(nn.Module):
   attend over the whole cache (`mask` hides empty and padded slots). Prefill and decode are this
   same call with t = prompt length or t = 1. `kv` gives keys and values projected before (a
   decoder's cross-attention over the encoder output, projected once at prefill). `bias`
-  [1 or b, h, t, s] is added to the logits (T5's relative positions). Returns the output and the
-  keys and values attended over (the updated cache when decoding).
+  [1 or b, h, t, s] is added to the logits (T5's relative positions). `segment_ids` [b, t] are
+  the segments `mask` was built from, given for full-sequence self-attention: model.attention=
+  splash runs its kernel on them, and is the einsum oracle without them (decoding with a cache,
+  cross-attention). Returns the output and the keys and values attended over (the updated cache
+  when decoding).
   """
   cfg: ModelConfig
   deterministic: bool = True
@@ -269,7 +273,8 @@ class Attention(nn.Module):
   def __call__(self, x: Array, mask: Array, positions: Array | None,
                kv_input: Array | None = None, cache: LayerCache | None = None,
                cache_index: Array | None = None, bias: Array | None = None,
-               kv: LayerCache | None = None) -> tuple[Array, LayerCache]:
+               kv: LayerCache | None = None, segment_ids: Array | None = None
+               ) -> tuple[Array, LayerCache]:
     c = self.cfg
     dense = functools.partial(linear, c)
     q = dense((c.n_heads, c.head_dim), ('embed', 'heads', 'head_dim'), name='query')(x)
@@ -294,7 +299,9 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'head_dim'))
     if self.is_mutable_collection('intermediates'):  # run statistics (train/stats.py) only
       self.sow('intermediates', 'logit_max', attention_logits(q, k, mask, bias, c.attn_softcap).max())
-    if c.attention == 'einsum':
+    if c.attention == 'splash' and segment_ids is not None and cache is None:
+      out = splash_attention(q, k, v, segment_ids, self.causal, c.attn_softcap)
+    elif c.attention in ('einsum', 'splash'):
       drop = nn.Dropout(c.attn_dropout, deterministic=self.deterministic)
       out = einsum_attention(q, k, v, mask, drop, bias, c.attn_softcap)
     else:
@@ -352,6 +359,7 @@ class Block(nn.Module):
 
   Returns the new hidden states and the layer's updated cache (None when not decoding); a
   decoding cross layer projects `encoded` to keys and values once, when its cache has none yet.
+  `segment_ids` [b, t] (full-sequence passes only) go to the self-attention (see Attention).
   """
   cfg: ModelConfig
   deterministic: bool = True
@@ -362,7 +370,8 @@ class Block(nn.Module):
   def __call__(self, x: Array, mask: Array, positions: Array | None,
                cache: BlockCache | None = None, cache_index: Array | None = None,
                bias: Array | None = None, encoded: Array | None = None,
-               cross_mask: Array | None = None) -> tuple[Array, BlockCache | None]:
+               cross_mask: Array | None = None, segment_ids: Array | None = None
+               ) -> tuple[Array, BlockCache | None]:
     c = self.cfg
     drop = nn.Dropout(c.dropout, deterministic=self.deterministic)
     pre = c.norm_position == 'pre'
@@ -377,7 +386,7 @@ class Block(nn.Module):
     self_cache, cross_kv = cache if decoding and self.cross else (cache, None)
     y, self_cache = Attention(c, self.deterministic, self.causal, name='attn')(
         sublayer_input('attn_norm', x), mask, positions, cache=self_cache, cache_index=cache_index,
-        bias=bias)
+        bias=bias, segment_ids=segment_ids)
     x = residual('attn_norm', x, y)
     if self.cross:
       y, cross_kv = Attention(c, self.deterministic, name='cross_attn')(

@@ -91,10 +91,11 @@ class _ScanBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array, cache: BlockCache | None,
                cache_index: Array | None, bias: Array | None, encoded: Array | None,
-               cross_mask: Array | None) -> tuple[Array, BlockCache | None]:
+               cross_mask: Array | None, segment_ids: Array | None
+               ) -> tuple[Array, BlockCache | None]:
     block = block_class(self.cfg)(self.cfg, self.deterministic, self.cross, self.causal,
                                   name='block')
-    return block(x, mask, positions, cache, cache_index, bias, encoded, cross_mask)
+    return block(x, mask, positions, cache, cache_index, bias, encoded, cross_mask, segment_ids)
 
 
 class BlockStack(nn.Module):
@@ -103,7 +104,8 @@ class BlockStack(nn.Module):
   With relative positions the stack computes T5's bias once from the query `positions` and the
   `key_positions` (the same in training; the cache slots' positions when decoding) and adds it in
   every layer. A `cross` stack (the encoder-decoder's decoder, cfg.decoder_layers deep) also
-  attends to `encoded` under `cross_mask`. Returns the hidden states and the updated per-layer
+  attends to `encoded` under `cross_mask`. `segment_ids` (full-sequence passes) reach every
+  self-attention, for model.attention=splash. Returns the hidden states and the updated per-layer
   caches (None when not decoding).
   """
   cfg: ModelConfig
@@ -114,7 +116,8 @@ class BlockStack(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array, cache: Any = None,
                cache_index: Array | None = None, key_positions: Array | None = None,
-               encoded: Array | None = None, cross_mask: Array | None = None) -> tuple[Array, Any]:
+               encoded: Array | None = None, cross_mask: Array | None = None,
+               segment_ids: Array | None = None) -> tuple[Array, Any]:
     c = self.cfg
     depth = c.decoder_layers if self.cross else c.n_layers
     bias = None
@@ -124,16 +127,16 @@ class BlockStack(nn.Module):
     if c.scan_layers:
       scan = nn.scan(_ScanBlock, variable_axes={'params': 0, 'lora': 0, 'intermediates': 0},
                      split_rngs={'params': True, 'dropout': True},
-                     in_axes=(nn.broadcast, nn.broadcast, 0) + (nn.broadcast,) * 4, length=depth,
+                     in_axes=(nn.broadcast, nn.broadcast, 0) + (nn.broadcast,) * 5, length=depth,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
       return scan(c, self.deterministic, self.cross, self.causal, name='layers')(
-          x, mask, positions, cache, cache_index, bias, encoded, cross_mask)
+          x, mask, positions, cache, cache_index, bias, encoded, cross_mask, segment_ids)
     cls = block_class(c)
     new_cache = []
     for i in range(depth):
       x, layer_cache = cls(c, self.deterministic, self.cross, self.causal, name=f'layers_{i}')(
           x, mask, positions, None if cache is None else cache[i], cache_index, bias, encoded,
-          cross_mask)
+          cross_mask, segment_ids)
       new_cache.append(layer_cache)
     return x, None if cache is None else tuple(new_cache)
 
@@ -209,7 +212,7 @@ class Decoder(nn.Module):
     mask = attention_mask(segment_ids, segment_ids, causal=stack.causal)
     hidden, cross_mask = cross_inputs(encoded, segment_ids)
     x, _ = stack(self.embed_tokens(tokens, positions), mask, positions, encoded=hidden,
-                 cross_mask=cross_mask)
+                 cross_mask=cross_mask, segment_ids=segment_ids)
     return x
 
   def decode(self, tokens: Array, positions: Array, cache: KVCache, last_only: bool = False,

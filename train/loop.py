@@ -242,7 +242,8 @@ def pretrain(cfg: ConfigDict, workdir: str, dataset: TrainData,
   train_iter = dataset.train_iter(per_host, cfg.train.seq_len)
   eval_batches = dataset.eval_batches(cfg.eval.batch_size or per_host, cfg.train.seq_len,
                                       cfg.eval.max_batches)
-  objective = objective_for(trainer.model_cfg.family, dataset.tokenizer.pad_id)
+  objective = objective_for(trainer.model_cfg.family, dataset.tokenizer.pad_id,
+                            loss_chunk=cfg.train.loss_chunk, z_loss=cfg.train.z_loss > 0)
   try:
     return trainer, run_training(trainer, objective, train_iter, eval_batches, workdir, dataset.info,
                                  on_eval)

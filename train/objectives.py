@@ -36,26 +36,82 @@ def batch_weight(batch: Batch) -> jax.Array:
   return batch['weights'].sum()
 
 
-def causal_lm_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
-  """Next-token prediction on packed rows; `weights` masks padding, document ends, and prompts (SFT)."""
+def logit_sums(logits: jax.Array, labels: jax.Array, w: jax.Array, z_loss: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`scored_sums`, with the z-loss sum as metrics['z_loss'] when asked."""
+  loss_sum, metrics = scored_sums(logits, labels, w)
+  if z_loss:
+    metrics['z_loss'] = z_loss_sum(logits, w)
+  return loss_sum, metrics
+
+
+def chunked_sums(output_layer: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                 labels: jax.Array, w: jax.Array, chunk: int, z_loss: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`logit_sums` of output_layer(hidden) [b, t, d] -> [b, t, v], `chunk` positions at a time.
+
+  A lax.scan over chunks whose body (output layer and loss) is rematerialised: forward and
+  backward hold one chunk's logits [b, chunk, v] instead of [b, t, v], for one more output-layer
+  matmul. A length that is not a multiple of `chunk` pads the last chunk with weight 0 (any
+  seq_len works, at the cost of at most chunk - 1 positions of wasted compute).
+  """
+  t = hidden.shape[1]
+  chunk = min(chunk, t)
+  n = -(-t // chunk)
+
+  def split(x: jax.Array) -> jax.Array:  # [b, t, ...] -> [n, b, chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # a scan body needs no CSE barrier
+  def one(xs):
+    h, y, wc = xs
+    return logit_sums(output_layer(h), y, wc, z_loss)
+
+  _, sums = jax.lax.scan(lambda carry, xs: (carry, one(xs)), None,
+                         (split(hidden), split(labels), split(w)))
+  return jax.tree.map(lambda s: s.sum(0), sums)
+
+
+def model_sums(apply_fn: Callable[..., jax.Array], params: Any, inputs: tuple, labels: jax.Array,
+               w: jax.Array, rng: jax.Array, loss_chunk: int = 0, z_loss: bool = False,
+               **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`logit_sums` of the model's logits for `inputs` (and keyword `kwargs`) against `labels`.
+
+  With `loss_chunk` > 0 the model returns its final hidden states (method='features') and its own
+  output layer (method='logits': tied or untied, soft-capped, LoRA merged) runs in
+  `chunked_sums`, so no [b, t, v] array exists in the step, forward or backward.
+  """
+  variables = {'params': params}
+  if not loss_chunk:
+    logits = apply_fn(variables, *inputs, rngs={'dropout': rng}, **kwargs)
+    return logit_sums(logits, labels, w, z_loss)
+  hidden = apply_fn(variables, *inputs, rngs={'dropout': rng}, method='features', **kwargs)
+  return chunked_sums(lambda h: apply_fn(variables, h, method='logits'), hidden, labels, w,
+                      loss_chunk, z_loss)
+
+
+def causal_lm_loss(apply_fn: Callable[..., jax.Array], loss_chunk: int = 0,
+                   z_loss: bool = False) -> LossFn:
+  """Next-token prediction on packed rows; `weights` masks padding, document ends, and prompts
+  (SFT). `loss_chunk` and `z_loss` (aux['z_loss'], the log(Z)^2 sum) as in `model_sums`."""
   def loss(params, batch: Batch, rng: jax.Array):
-    logits = apply_fn({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                      rngs={'dropout': rng})
-    return scored_sums(logits, batch['targets'], batch['weights'])
+    return model_sums(apply_fn, params, (batch['inputs'], batch['positions'], batch['segment_ids']),
+                      batch['targets'], batch['weights'], rng, loss_chunk, z_loss)
   return loss
 
 
-def seq2seq_loss(apply_fn: Callable[..., jax.Array]) -> LossFn:
+def seq2seq_loss(apply_fn: Callable[..., jax.Array], loss_chunk: int = 0,
+                 z_loss: bool = False) -> LossFn:
   """Encoder-decoder (T5): the causal LM loss of the decoder rows (`inputs` = [BOS] + target,
   `targets` = target + [EOS]) given each row's `encoder_inputs`, `encoder_segment_ids` (0 = padding)
   and `encoder_positions`."""
   def loss(params, batch: Batch, rng: jax.Array):
-    def decoder_apply(variables, tokens, positions, segment_ids, **kw):
-      return apply_fn(variables, batch['encoder_inputs'], tokens,
+    return model_sums(apply_fn, params, (batch['encoder_inputs'], batch['inputs']),
+                      batch['targets'], batch['weights'], rng, loss_chunk, z_loss,
                       encoder_positions=batch['encoder_positions'],
-                      encoder_segment_ids=batch['encoder_segment_ids'], positions=positions,
-                      segment_ids=segment_ids, **kw)
-    return causal_lm_loss(decoder_apply)(params, batch, rng)
+                      encoder_segment_ids=batch['encoder_segment_ids'],
+                      positions=batch['positions'], segment_ids=batch['segment_ids'])
   return loss
 
 
@@ -71,23 +127,25 @@ def mask_tokens(rng: jax.Array, inputs: jax.Array, eligible: jax.Array, mask_id:
   return jnp.where(picked, corrupted, inputs), picked
 
 
-def masked_lm_loss(apply_fn: Callable[..., jax.Array], mask_id: int) -> LossFn:
+def masked_lm_loss(apply_fn: Callable[..., jax.Array], mask_id: int, loss_chunk: int = 0
+                   ) -> LossFn:
   """Masked-LM on packed rows: predict the original `inputs` at the corrupted positions.
 
   Masks are drawn from the step's rng (a function of seed and step), so a resumed run masks
   exactly as the uninterrupted one. The loss is normalised by the number of picked tokens, which
   the objective returns as its `weight` (see `objective_weight`). `mask_id` is the pad id: padding
-  never shares a segment with real tokens, so its embedding is free to mean [MASK].
+  never shares a segment with real tokens, so its embedding is free to mean [MASK]. `loss_chunk`
+  as in `model_sums`.
   """
   def loss(params, batch: Batch, rng: jax.Array):
     mask_rng, dropout_rng = jax.random.split(rng)
     inputs = batch['inputs']
     vocab = params['embed']['embedding'].shape[0]
     corrupted, picked = mask_tokens(mask_rng, inputs, batch['weights'] > 0, mask_id, vocab)
-    logits = apply_fn({'params': params}, corrupted, batch['positions'], batch['segment_ids'],
-                      rngs={'dropout': dropout_rng})
     w = picked.astype(jnp.float32)
-    loss_sum, metrics = scored_sums(logits, inputs, w)
+    loss_sum, metrics = model_sums(apply_fn, params, (corrupted, batch['positions'],
+                                                      batch['segment_ids']),
+                                   inputs, w, dropout_rng, loss_chunk)
     return loss_sum, {**metrics, 'weight': w.sum()}
   return loss
 
@@ -110,11 +168,12 @@ def objective_weight(aux: dict[str, jax.Array], batch: Batch) -> jax.Array:
   return aux.pop('weight') if 'weight' in aux else batch_weight(batch)
 
 
-def objective_for(family: str, pad_id: int) -> Callable[[Callable[..., jax.Array]], LossFn]:
+def objective_for(family: str, pad_id: int, loss_chunk: int = 0, z_loss: bool = False
+                  ) -> Callable[[Callable[..., jax.Array]], LossFn]:
   """The pretraining objective of a model family: causal LM (decoder), masked LM (encoder) or
-  seq2seq (encoder-decoder; span corruption is in its data, data/seq2seq.py)."""
+  seq2seq (encoder-decoder; span corruption is in its data, data/seq2seq.py). `loss_chunk` and
+  `z_loss` as in `model_sums` (masked LM has no z-loss: train/step.py refuses it)."""
   if family == 'encoder':
-    return functools.partial(masked_lm_loss, mask_id=pad_id)
-  if family == 'encoder_decoder':
-    return seq2seq_loss
-  return causal_lm_loss
+    return functools.partial(masked_lm_loss, mask_id=pad_id, loss_chunk=loss_chunk)
+  lm_loss = seq2seq_loss if family == 'encoder_decoder' else causal_lm_loss
+  return functools.partial(lm_loss, loss_chunk=loss_chunk, z_loss=z_loss)

@@ -37,28 +37,34 @@ def training_loss(objective: Callable[[Callable], LossFn], apply_fn: Callable, z
 
   The model call is wrapped to see its output (the logits, for z-loss) and, on statistics steps,
   to collect what the blocks sow into 'intermediates'. z_loss adds z_loss · log(Z)^2 per scored
-  token (PaLM), returned as aux['z_loss'] and never part of `loss_sum` (nor of eval loss).
+  token (PaLM), returned as aux['z_loss'] and never part of `loss_sum` (nor of eval loss). An
+  objective that returns aux['z_loss'] itself (built with z_loss=True, as a chunked one must be:
+  it never holds all the logits) is taken at its word.
   """
   def loss(params, batch: Batch, rng: jax.Array):
     seen: dict[str, Any] = {}
 
     def call(variables, *args, **kwargs):
+      if kwargs.get('method') == 'logits':  # one chunk's output layer, inside the objective's scan
+        return apply_fn(variables, *args, **kwargs)
       if with_stats:
         out, state = apply_fn(variables, *args, mutable=['intermediates'], **kwargs)
         seen['intermediates'] = state.get('intermediates', {})
       else:
         out = apply_fn(variables, *args, **kwargs)
-      seen['logits'] = out
+      if 'method' not in kwargs:  # the whole model: its output is the logits
+        seen['logits'] = out
       return out
 
     loss_sum, aux = objective(call)(params, batch, rng)
     aux, total = dict(aux), loss_sum
     if z_loss:
-      logits = seen.get('logits')
-      if 'weight' in aux or getattr(logits, 'shape', ())[:-1] != batch['weights'].shape:
-        raise UserError('train.z_loss applies to next-token objectives (pretrain of a decoder or '
-                        'encoder-decoder, sft); set it to 0 for this stage')
-      aux['z_loss'] = z_loss_sum(logits, batch['weights'])
+      if 'z_loss' not in aux:  # from the logits the model returned
+        logits = seen.get('logits')
+        if 'weight' in aux or getattr(logits, 'shape', ())[:-1] != batch['weights'].shape:
+          raise UserError('train.z_loss applies to next-token objectives (pretrain of a decoder '
+                          'or encoder-decoder, sft); set it to 0 for this stage')
+        aux['z_loss'] = z_loss_sum(logits, batch['weights'])
       total = loss_sum + z_loss * aux['z_loss']
     acts = activation_stats(seen.get('intermediates', {})) if with_stats else {}
     return total, (loss_sum, aux, acts)

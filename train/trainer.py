@@ -72,13 +72,15 @@ def with_frozen(apply_fn: Callable[..., Any], frozen: Any, heads: tuple[str, ...
 def init_trainer(cfg: ConfigDict, vocab_size: int, devices: list[jax.Device] | None = None, *,
                  model_cfg: ModelConfig | None = None, init_params: Any = None,
                  build: Callable[[ModelConfig, bool], nn.Module] = build_model,
-                 fresh: tuple[str, ...] = ()) -> Trainer:
+                 fresh: tuple[str, ...] = (), shapes_only: bool = False) -> Trainer:
   """Mesh, model and a sharded train state (weights, optimizer).
 
   Weights are random, or `init_params` (a pretrained tree, e.g. from `load_pretrained`, whose
   `model_cfg` is given) with only the top-level keys in `fresh` (new heads) left at their random
   init. `config.lora.rank` > 0 trains adapters only (and the `fresh` heads) and keeps the other
-  weights frozen.
+  weights frozen. `shapes_only` makes the state (and frozen base) jax.ShapeDtypeStructs with their
+  shardings, nothing allocated or computed: enough to compile the steps ahead of time, also for
+  compile-only devices such as a TPU topology's (benchmarks/aot_topology.py).
   """
   t = cfg.train
   if t.grad_accum < 1 or t.batch_size % t.grad_accum:
@@ -109,9 +111,14 @@ def init_trainer(cfg: ConfigDict, vocab_size: int, devices: list[jax.Device] | N
     abstract = jax.eval_shape(init, rng)
     sharding, frozen_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh,
                                                             LOGICAL_RULES)
-    state, frozen = jax.jit(lambda r: nn.meta.unbox(init(r)),
-                            out_shardings=(sharding, frozen_sharding))(rng)
-  if init_params is not None:
+    if shapes_only:
+      state, frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   jax.eval_shape(nn.meta.unbox, abstract),
+                                   (sharding, frozen_sharding))
+    else:
+      state, frozen = jax.jit(lambda r: nn.meta.unbox(init(r)),
+                              out_shardings=(sharding, frozen_sharding))(rng)
+  if init_params is not None and not shapes_only:
     if frozen is not None:
       frozen = place_pretrained(frozen, init_params, frozen_sharding, fresh)
     else:

@@ -69,6 +69,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ('train.clip_norm', at_least(0)), ('train.log_every', at_least(1)),
     ('train.muon_lr', POSITIVE), ('train.z_loss', at_least(0)), ('train.spike_threshold', at_least(0)),
     ('train.spike_warmup', at_least(1)), ('train.max_skips', at_least(1)), ('train.ema_decay', RATE),
+    ('train.loss_chunk', at_least(0)),
     ('model.attn_softcap', at_least(0)), ('model.logit_softcap', at_least(0)),
     ('metrics.stats_every', at_least(0)), ('profile.start_step', at_least(0)),
     ('profile.steps', at_least(1)), ('profile.top_ops', at_least(1)),

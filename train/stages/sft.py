@@ -110,10 +110,11 @@ def sft_task(cfg: ConfigDict, base: Pretrained) -> Task:
   """Instruction records (every kind data/formats.py reads), `text:GLOB` or `classify:GLOB`."""
   kind = cfg.sft.train.partition(':')[0]
   launch = (cfg.seed, jax.process_index(), jax.process_count())
+  lm = dict(loss_chunk=cfg.train.loss_chunk, z_loss=cfg.train.z_loss > 0)  # token-level losses
   if kind == 'text':
     data = build_text_dataset(cfg.sft, base.tokenizer, *launch)
     i = data.info
-    return Task(data, objective_for(base.config.family, base.tokenizer.pad_id),
+    return Task(data, objective_for(base.config.family, base.tokenizer.pad_id, **lm),
                 f"sft data: {len(data.train_tokens.n_pairs)} train / {len(data.eval_tokens.n_pairs)} eval "
                 f"text documents ({i['train_target_tokens']} trainable tokens, all of them)", 'text')
   if kind == 'classify':
@@ -128,7 +129,7 @@ def sft_task(cfg: ConfigDict, base: Pretrained) -> Task:
                                                     pool=cfg.sft.pool), 'class_head')
   data = build_sft_dataset(cfg.sft, base.tokenizer, cfg.train.seq_len, *launch, cfg.data.synthetic)
   i = data.info
-  return Task(data, causal_lm_loss,
+  return Task(data, functools.partial(causal_lm_loss, **lm),
               f"sft data: {i['train_examples']} train / {i['eval_examples']} eval examples "
               f"({i['train_trainable_tokens']} trainable tokens; truncated {i['train_truncated']}, "
               f"dropped {i['train_dropped']} by sft.overlong={cfg.sft.overlong!r}), "
