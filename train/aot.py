@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 from model.errors import UserError
 from train.mesh import batch_sharding, mesh_rules
 from train.objectives import objective_for
-from train.step import make_train_step
+from train.step import compile_train_step
 from train.trainer import init_trainer
 
 HBM_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}  # per device (chip)
@@ -85,9 +85,7 @@ def compile_step_memory(cfg: ConfigDict, vocab_size: int, devices: list[jax.Devi
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), dtype, sharding=sharding)
            for k, dtype in fields.items()}
   objective = objective_for('decoder', 0, loss_chunk=t.loss_chunk, z_loss=t.z_loss > 0)
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))  # no array: nothing runs on the devices
   with mesh_rules(trainer.mesh):
-    compiled = make_train_step(trainer, objective).lower(trainer.state, batch, key).compile()
-  mem = compiled.memory_analysis()
+    mem = compile_train_step(trainer, objective, batch).fn.memory_analysis()
   return StepMemory(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
                     mem.alias_size_in_bytes, mem.generated_code_size_in_bytes)

@@ -9,7 +9,7 @@ import optax
 
 from model.errors import UserError
 from train.mesh import batch_sharding
-from train.objectives import LossFn, objective_weight, z_loss_sum
+from train.objectives import LossFn, objective_weight
 from train.stability import spike_state
 from train.state import TrainState, lr_schedule
 from train.stats import activation_stats, combine_activation_stats, step_stats
@@ -35,36 +35,27 @@ def training_loss(objective: Callable[[Callable], LossFn], apply_fn: Callable, z
                   with_stats: bool) -> Callable:
   """(params, batch, rng) -> (loss to differentiate, (loss_sum, aux, activation statistics)).
 
-  The model call is wrapped to see its output (the logits, for z-loss) and, on statistics steps,
-  to collect what the blocks sow into 'intermediates'. z_loss adds z_loss · log(Z)^2 per scored
-  token (PaLM), returned as aux['z_loss'] and never part of `loss_sum` (nor of eval loss). An
-  objective that returns aux['z_loss'] itself (built with z_loss=True, as a chunked one must be:
-  it never holds all the logits) is taken at its word.
+  z_loss adds z_loss · aux['z_loss'] (the log(Z)^2 sum the objective returns when built with
+  z_loss=True, train/objectives.py) to the loss differentiated; it is never part of `loss_sum`
+  (nor of eval loss). On statistics steps the model call is wrapped to collect what the blocks
+  sow into 'intermediates' (not a chunked objective's output-layer calls, which sow nothing).
   """
   def loss(params, batch: Batch, rng: jax.Array):
     seen: dict[str, Any] = {}
 
     def call(variables, *args, **kwargs):
-      if kwargs.get('method') == 'logits':  # one chunk's output layer, inside the objective's scan
+      if not with_stats or kwargs.get('method') == 'logits':
         return apply_fn(variables, *args, **kwargs)
-      if with_stats:
-        out, state = apply_fn(variables, *args, mutable=['intermediates'], **kwargs)
-        seen['intermediates'] = state.get('intermediates', {})
-      else:
-        out = apply_fn(variables, *args, **kwargs)
-      if 'method' not in kwargs:  # the whole model: its output is the logits
-        seen['logits'] = out
+      out, state = apply_fn(variables, *args, mutable=['intermediates'], **kwargs)
+      seen['intermediates'] = state.get('intermediates', {})
       return out
 
     loss_sum, aux = objective(call)(params, batch, rng)
     aux, total = dict(aux), loss_sum
     if z_loss:
-      if 'z_loss' not in aux:  # from the logits the model returned
-        logits = seen.get('logits')
-        if 'weight' in aux or getattr(logits, 'shape', ())[:-1] != batch['weights'].shape:
-          raise UserError('train.z_loss applies to next-token objectives (pretrain of a decoder '
-                          'or encoder-decoder, sft); set it to 0 for this stage')
-        aux['z_loss'] = z_loss_sum(logits, batch['weights'])
+      if 'z_loss' not in aux:
+        raise UserError('train.z_loss applies to next-token objectives (pretrain of a decoder '
+                        'or encoder-decoder, sft); set it to 0 for this stage')
       total = loss_sum + z_loss * aux['z_loss']
     acts = activation_stats(seen.get('intermediates', {})) if with_stats else {}
     return total, (loss_sum, aux, acts)
@@ -145,7 +136,8 @@ def compile_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn]
   (per device) so a researcher sees whether a run fits before it starts (not for the statistics
   step, compiled beside it)."""
   step = make_train_step(trainer, objective, with_stats)
-  compiled = step.lower(trainer.state, batch, jax.random.PRNGKey(0)).compile()
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))  # a shape: nothing runs (AOT for a topology)
+  compiled = step.lower(trainer.state, batch, key).compile()
   mem = compiled.memory_analysis()
   if mem is not None and jax.process_index() == 0 and not with_stats:
     gib = lambda n: f'{n / 2**30:.3f} GiB'

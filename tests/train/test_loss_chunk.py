@@ -126,11 +126,12 @@ def test_chunked_masked_lm_matches(weights):
 
 
 def test_the_step_loss_takes_the_chunked_z_loss_and_keeps_the_statistics(weights):
-  """train/step.py's loss: the chunked objective's own z-loss equals the one the step computes
-  from the captured logits of the plain objective, and the per-layer statistics (sown by the
-  features call) survive the output layer's calls inside the scan."""
+  """train/step.py's loss: the chunked objective's z-loss equals the whole-logits objective's,
+  and the per-layer statistics (sown by the features call) survive the output layer's calls
+  inside the scan."""
   model, params, batch = build(tiny_config()), tied(weights['params']), decoder_batch(prompt=2)
-  objectives = (causal_lm_loss, functools.partial(causal_lm_loss, loss_chunk=4, z_loss=True))
+  objectives = (functools.partial(causal_lm_loss, z_loss=True),
+                functools.partial(causal_lm_loss, loss_chunk=4, z_loss=True))
   both = jax.jit(lambda p: [jax.value_and_grad(training_loss(o, model.apply, Z, True),
                                                has_aux=True)(p, batch, KEY) for o in objectives])
   (whole, grads_a), (chunked, grads_b) = jax.device_get(both(params))

@@ -1,5 +1,7 @@
 """Stability tools and run statistics: QK-norm, soft-capping, z-loss, spike skipping, weight EMA,
 Muon, and per-layer statistics against a reference computed outside the step."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,7 +112,7 @@ def test_z_loss_adds_log_z_squared_to_the_gradient_only():
     return ce + z * zl, (ce, zl)
 
   (_, (ce, zl)), g = jax.value_and_grad(reference, has_aux=True)(params, 0.3)
-  _, _, m = one_step(cfg, batch, trainer=trainer)
+  _, _, m = one_step(cfg, batch, functools.partial(causal_lm_loss, z_loss=True), trainer=trainer)
   assert m['loss'] == pytest.approx(float(ce), rel=1e-6)
   assert m['z_loss'] == pytest.approx(float(zl), rel=1e-5)
   assert m['grad_norm'] == pytest.approx(float(optax.tree.norm(g)), rel=1e-5)
