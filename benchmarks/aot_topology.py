@@ -48,7 +48,8 @@ def main(_):
   gib = lambda n: f'{n / 2**30:.3f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
   print(f'compiled in {time.perf_counter() - t0:.1f} s: {m.n_layers} layers, width {m.d_model}, '
         f'{m.attention} attention, {m.dtype}, batch {t.batch_size} x {t.seq_len}, remat {m.remat}, '
-        f'mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor}')
+        f'mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor} '
+        f'expert={cfg.mesh.expert}')
   print(f'per device: arguments {gib(mem.arguments)}, outputs {gib(mem.outputs)}, temporaries '
         f'{gib(mem.temporaries)}, aliased {gib(mem.aliased)}, code {gib(mem.code)}; '
         f'peak {gib(mem.peak)}')

@@ -13,7 +13,6 @@ them alike; the medians of wall and CPU time (all threads of this process: less 
 processes) are printed. The untimed warm-up steps every variant from the same state and prints its
 loss and gradient norm: the chunked ones must equal the unchunked one.
 """
-import dataclasses
 import functools
 import time
 
@@ -23,8 +22,8 @@ flags.DEFINE_list('chunks', ['128', '256'], 'train.loss_chunk values compared wi
 flags.DEFINE_integer('rounds', 5, 'Timed rounds (each times one step of every variant); 0 = '
                      'compile and print the temporaries only.')
 flags.DEFINE_string('remat', 'none', 'model.remat of the run (the experiment: none).')
-flags.DEFINE_bool('scan_layers', False, 'Stack the GGUF layers for nn.scan (the experiment: '
-                  'off; on XLA CPU remat only lowers memory with it).')
+flags.DEFINE_bool('scan_layers', False, 'model.scan_layers: the GGUF layers stacked for nn.scan '
+                  '(the experiment: off; on XLA CPU remat only lowers memory with it).')
 
 
 def sft_batch(batch: int, length: int, vocab: int) -> dict:
@@ -36,15 +35,6 @@ def sft_batch(batch: int, length: int, vocab: int) -> dict:
   return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=weights,
               segment_ids=np.ones((batch, length), np.int32),
               positions=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy())
-
-
-def stack_layers(params: dict) -> dict:
-  """Per-layer params (the GGUF's layout) -> the stacked layout nn.scan uses."""
-  import jax
-  import numpy as np
-  blocks = params['blocks']
-  layers = [blocks[f'layers_{i}'] for i in range(len(blocks))]
-  return {**params, 'blocks': {'layers': {'block': jax.tree.map(lambda *x: np.stack(x), *layers)}}}
 
 
 def main(_):
@@ -62,13 +52,10 @@ def main(_):
   from train.trainer import init_trainer
 
   cfg = sft_smollm2_gsm8k.get_config()
-  cfg.model.remat = flags.FLAGS.remat
+  cfg.model.remat, cfg.model.scan_layers = flags.FLAGS.remat, flags.FLAGS.scan_layers
   t, chunks = cfg.train, [0] + [int(c) for c in flags.FLAGS.chunks]
   start = time.perf_counter()
   base = load_base(cfg)
-  if flags.FLAGS.scan_layers:
-    base.config = dataclasses.replace(base.config, scan_layers=True)
-    base.params = stack_layers(base.params)
   trainer = init_trainer(cfg, base.config.vocab_size, model_cfg=base.config,
                          init_params=base.params)
   del base

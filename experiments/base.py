@@ -31,6 +31,13 @@ def get_config() -> ConfigDict:
   m.norm_position = 'pre'         # pre | post
   m.norm_eps = 1e-5
   m.mlp = 'swiglu'                # swiglu | gelu (tanh approximation) | gelu_exact (erf, BERT) | relu
+                                  # | moe (mixture of SwiGLU experts of d_ff each: model/moe.py)
+  m.n_experts = 8                 # moe: experts per layer
+  m.top_k = 2                     # moe: experts each token is routed to
+  m.capacity_factor = 0.0         # moe: 0 = dropless (jax.lax.ragged_dot); > 0 = slots per expert
+                                  #   = factor · top_k · tokens / n_experts per sequence, overflow dropped
+  m.balance_loss = 0.01           # moe: weight of the load-balancing loss (Switch Transformer)
+  m.router_z_loss = 0.001         # moe: weight of the router z-loss (ST-MoE)
   m.use_bias = False              # biases in attention and MLP projections
   m.dropout = 0.0                 # residual dropout (after attention and MLP)
   m.attn_dropout = 0.0            # on attention probabilities (einsum path only)
@@ -44,6 +51,9 @@ def get_config() -> ConfigDict:
   m.param_dtype = 'float32'
   m.scan_layers = False           # nn.scan over layers: compile time independent of depth
   m.remat = 'none'                # none | full | dots | dots_no_batch (see model/transformer.py)
+  m.parameterization = 'sp'       # sp | mup: µP (init std, Adam lr of the layers' matrices and the logits
+                                  #   scale with d_model / mup_base_width; the base width's run is SP's)
+  m.mup_base_width = 0            # mup: the width whose tuned hyperparameters transfer (0 = d_model)
   m.qk_norm = False               # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Gemma 3)
   m.attn_softcap = 0.0            # > 0: attention logits become c·tanh(logits / c) (Gemma 2: 50; einsum, splash)
   m.logit_softcap = 0.0           # > 0: output logits become c·tanh(logits / c) (Gemma 2: 30)
@@ -157,6 +167,7 @@ def get_config() -> ConfigDict:
   h.data = -1                     # -1 = all remaining devices
   h.fsdp = 1
   h.tensor = 1
+  h.expert = 1                    # experts of model.mlp=moe split over this axis; elsewhere it splits the batch
   h.coordinator = ''              # multi-process: 'host:port' of process 0 ('' = auto-detect TPU pod/SLURM)
   h.num_processes = 0             # with coordinator: total processes
   h.process_id = -1               # with coordinator: this process (-1 = from the environment)

@@ -11,11 +11,12 @@ _CHOICES = {
     'pos_encoding': ('rope', 'learned', 'sinusoidal', 'relative', 'none'),
     'norm': ('rmsnorm', 'layernorm'),
     'norm_position': ('pre', 'post'),
-    'mlp': ('swiglu', 'gelu', 'gelu_exact', 'relu'),
+    'mlp': ('swiglu', 'gelu', 'gelu_exact', 'relu', 'moe'),
     'attention': ('einsum', 'xla', 'cudnn', 'splash'),
     'remat': ('none', 'full', 'dots', 'dots_no_batch'),
     'dtype': ('float32', 'bfloat16', 'float16'),
     'param_dtype': ('float32', 'bfloat16'),
+    'parameterization': ('sp', 'mup'),
 }
 
 
@@ -37,6 +38,11 @@ class ModelConfig:
   norm_position: str = 'pre'
   norm_eps: float = 1e-5
   mlp: str = 'swiglu'
+  n_experts: int = 0                     # mlp='moe': SwiGLU experts of d_ff each (model/moe.py)
+  top_k: int = 2                         # mlp='moe': experts per token
+  capacity_factor: float = 0.0           # mlp='moe': 0 = dropless; > 0 = per-sequence expert slots
+  balance_loss: float = 0.01             # mlp='moe': weight of the load-balancing loss
+  router_z_loss: float = 0.001           # mlp='moe': weight of the router z-loss
   use_bias: bool = False
   dropout: float = 0.0
   attn_dropout: float = 0.0
@@ -49,6 +55,8 @@ class ModelConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = False
   remat: str = 'none'
+  parameterization: str = 'sp'           # sp | mup (µP: init, Adam lr and logits scale by width)
+  mup_base_width: int = 0                # mup: the d_model whose hyperparameters transfer (0 = d_model)
   qk_norm: bool = False                  # RMSNorm of each head's queries and keys (before RoPE)
   attn_softcap: float = 0.0              # > 0: attention logits -> c·tanh(logits / c)
   logit_softcap: float = 0.0             # > 0: output logits -> c·tanh(logits / c)
@@ -68,14 +76,22 @@ class ModelConfig:
     return jnp.dtype(self.param_dtype)
 
   @property
+  def width_mult(self) -> float:
+    """µP's width multiplier d_model / base width; 1 under SP (and at the base width)."""
+    if self.parameterization != 'mup':
+      return 1.0
+    return self.d_model / (self.mup_base_width or self.d_model)
+
+  @property
   def decoder_layers(self) -> int:
     """Depth of the stack that produces the logits (and of its KV cache)."""
     return self.n_decoder_layers or self.n_layers  # non-zero only for encoder_decoder (checked)
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:
-  """4·d for ReLU/GELU; 8/3·d rounded up to a multiple of 64 for SwiGLU (same parameter count)."""
-  if mlp == 'swiglu':
+  """4·d for ReLU/GELU; 8/3·d rounded up to a multiple of 64 for SwiGLU (same parameter count),
+  and for each SwiGLU expert of a mixture (model.d_ff sets a narrower one)."""
+  if mlp in ('swiglu', 'moe'):
     return -(-int(8 * d_model / 3) // 64) * 64
   return 4 * d_model
 
@@ -104,6 +120,8 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
   if m.pos_encoding == 'rope' and head_dim % 2:
     raise UserError(f'RoPE needs an even head_dim, got {head_dim}; change d_model/n_heads or head_dim')
   check_t5_fields(m)
+  if m.mlp == 'moe':
+    check_moe_fields(m)
   if m.attn_softcap and m.attention not in ('einsum', 'splash'):
     raise UserError(f'model.attn_softcap={m.attn_softcap} needs model.attention=einsum or splash '
                     f'(the {m.attention} kernels take no soft-cap); set one or the other')
@@ -118,6 +136,9 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
       vocab_size=vocab, family=m.family, n_layers=m.n_layers, d_model=m.d_model,
       n_heads=m.n_heads, n_kv_heads=n_kv, head_dim=head_dim,
       d_ff=m.d_ff or default_d_ff(m.d_model, m.mlp), max_len=max_len,
+      n_experts=m.n_experts if m.mlp == 'moe' else 0, top_k=m.top_k,
+      capacity_factor=float(m.capacity_factor), balance_loss=float(m.balance_loss),
+      router_z_loss=float(m.router_z_loss),
       pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm,
       norm_position=m.norm_position, norm_eps=m.norm_eps, mlp=m.mlp, use_bias=m.use_bias,
       dropout=m.dropout, attn_dropout=m.attn_dropout, embed_dropout=m.embed_dropout,
@@ -126,6 +147,7 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
       param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
       n_decoder_layers=m.n_decoder_layers, relative_buckets=m.relative_buckets,
       relative_max_distance=m.relative_max_distance, qk_norm=m.qk_norm,
+      parameterization=m.parameterization, mup_base_width=m.mup_base_width,
       attn_softcap=float(m.attn_softcap), logit_softcap=float(m.logit_softcap))
 
 
@@ -137,6 +159,15 @@ def check_t5_fields(m: ConfigDict) -> None:
   if m.pos_encoding == 'relative' and not 4 <= m.relative_buckets < 2 * m.relative_max_distance:
     raise UserError(f'model.relative_buckets={m.relative_buckets} must be at least 4 and below '
                     f'twice model.relative_max_distance={m.relative_max_distance}')
+
+
+def check_moe_fields(m: ConfigDict) -> None:
+  """A mixture needs two experts or more, each token routed to between 1 and all of them (the
+  loss weights and capacity factor are range-checked up front, train/validate.py)."""
+  if m.n_experts < 2:
+    raise UserError(f'model.n_experts={m.n_experts} must be at least 2 for model.mlp=moe')
+  if not 1 <= m.top_k <= m.n_experts:
+    raise UserError(f'model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}')
 
 
 def check_splash_fields(m: ConfigDict, seq_len: int) -> None:
@@ -162,6 +193,8 @@ def with_lora(cfg: ModelConfig, lora: ConfigDict) -> ModelConfig:
   if lora.rank <= 0:
     return dataclasses.replace(cfg, lora_rank=0, lora_targets=())
   present = set(LORA_TARGETS) - ({'gate'} if cfg.mlp != 'swiglu' else set())
+  if cfg.mlp == 'moe':  # the experts are stacked kernels, not projections with adapters
+    present -= {'gate', 'up', 'down'}
   wanted = tuple(t.strip() for t in lora.targets.split(',') if t.strip())
   if lora.targets.strip() == 'all':
     wanted = tuple(t for t in LORA_TARGETS if t in present)

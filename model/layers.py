@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
+from model.moe import MoeMlp
 from model.splash import splash_attention
 
 Array = jax.Array
@@ -120,11 +121,16 @@ _contract.defvjp(_contract_fwd, _contract_bwd)
 def linear(cfg: ModelConfig, features: tuple[int, ...], axes: tuple[str, ...], *, name: str,
            **kw: Any) -> Linear:
   """A projection of the model with the config's dtypes and bias, and a LoRA adapter when `name`
-  (query, key, value, out, gate, up, down) is one of `cfg.lora_targets`."""
+  (query, key, value, out, gate, up, down) is one of `cfg.lora_targets`.
+
+  Every such projection maps a width to a width, so under µP its init std shrinks by
+  1/sqrt(width_mult) (variance ∝ 1/fan-in); its Adam learning rate by 1/width_mult is
+  train/state.py's."""
   rank = cfg.lora_rank if name in cfg.lora_targets else 0
+  stddev = kw.pop('stddev', 0.02) / math.sqrt(cfg.width_mult)
   return Linear(features, axes, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                 param_dtype=cfg.weight_dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha, name=name,
-                **kw)
+                stddev=stddev, **kw)
 
 
 # ---- positions ---------------------------------------------------------------------------------
@@ -392,7 +398,8 @@ class Block(nn.Module):
       y, cross_kv = Attention(c, self.deterministic, name='cross_attn')(
           sublayer_input('cross_norm', x), cross_mask, None, kv_input=encoded, kv=cross_kv)
       x = residual('cross_norm', x, y)
-    x = residual('mlp_norm', x, Mlp(c, name='mlp')(sublayer_input('mlp_norm', x)))
+    mlp = MoeMlp(c, name='mlp') if c.mlp == 'moe' else Mlp(c, name='mlp')
+    x = residual('mlp_norm', x, mlp(sublayer_input('mlp_norm', x)))
     if decoding:
       cache = (self_cache, cross_kv) if self.cross else self_cache
     if self.is_mutable_collection('intermediates'):  # run statistics (train/stats.py) only

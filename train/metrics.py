@@ -32,9 +32,12 @@ PEAK_FLOPS = {
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in matmuls, per token: attention and MLP projections, and the
-  output layer (the unembedding counts even when tied). The embedding lookup is a gather: excluded."""
+  output layer (the unembedding counts even when tied). The embedding lookup is a gather: excluded.
+  A mixture of experts counts its active parameters: the router and top_k experts."""
   attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
   mlp = (3 if cfg.mlp == 'swiglu' else 2) * cfg.d_model * cfg.d_ff
+  if cfg.mlp == 'moe':
+    mlp = cfg.top_k * 3 * cfg.d_model * cfg.d_ff + cfg.d_model * cfg.n_experts
   decoder = cfg.decoder_layers * (2 * attn + mlp) if cfg.family == 'encoder_decoder' else 0
   return cfg.n_layers * (attn + mlp) + decoder + cfg.d_model * cfg.vocab_size
 

@@ -56,7 +56,7 @@ def _load(workdir: str, cfg: ConfigDict) -> LoadedModel:
     mcfg = model_config(cfg.model, tokenizer.vocab_size, cfg.train.seq_len)
   head, build = head_of(workdir, cfg)
   lora_cfg = with_lora(mcfg, cfg.lora) if 'lora' in cfg else mcfg
-  model, tx = build(lora_cfg), make_optimizer(cfg.train)
+  model, tx = build(lora_cfg), make_optimizer(cfg.train, lora_cfg.width_mult)
   heads = (head,) if head and lora_cfg.lora_rank else ()
 
   def init_state() -> TrainState:

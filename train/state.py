@@ -94,9 +94,18 @@ def muon(t: ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTr
   return optax.partition({'muon': matrices, 'adam': rest}, muon_labels)
 
 
-def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
+def hidden_mask(params: PyTree) -> PyTree:
+  """True for the layers' projection kernels, the matrices whose both sides grow with width."""
+  return jax.tree.map(lambda label: label == 'muon', muon_labels(params))
+
+
+def make_optimizer(t: ConfigDict, width_mult: float = 1.0) -> optax.GradientTransformation:
   """The optimizer from `config.train`: global-norm clipping first, then the update rule, inside
-  the weight EMA and the spike guard when those are on (train/stability.py)."""
+  the weight EMA and the spike guard when those are on (train/stability.py).
+
+  `width_mult` (µP's, ModelConfig.width_mult) divides the updates of the hidden matrices: their
+  learning rate is lr / width_mult (Adam's µP rule, Yang et al. 2022, table 3); embeddings,
+  norms, biases and the readout keep lr. At 1 (SP) the optimizer is SP's exactly."""
   schedule = lr_schedule(t)
   mask = lambda p: decay_mask(p, t.decay_embeddings)
   mu_dtype = jnp.dtype(t.opt_state_dtype)
@@ -113,6 +122,8 @@ def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
                           weight_decay_mask=mask, multiply_by_parameter_scale=False)
   else:
     raise UserError(f'train.optimizer={t.optimizer!r} is not one of adamw, adafactor, lion, muon')
+  if width_mult != 1.0:
+    opt = optax.chain(opt, optax.masked(optax.scale(1.0 / width_mult), hidden_mask))
   if t.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(t.clip_norm), opt)
   if t.ema_decay > 0:

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from model.config import ModelConfig
 from model.errors import UserError
+from model.moe import COLLECTION as MOE, aux_losses
 from train.mesh import batch_sharding
-from train.objectives import LossFn, objective_weight
+from train.objectives import LossFn, batch_weight, objective_weight
 from train.stability import spike_state
 from train.state import TrainState, lr_schedule
 from train.stats import activation_stats, combine_activation_stats, step_stats
@@ -32,22 +34,28 @@ class BoundStep:
 
 
 def training_loss(objective: Callable[[Callable], LossFn], apply_fn: Callable, z_loss: float,
-                  with_stats: bool) -> Callable:
+                  with_stats: bool, moe: ModelConfig | None = None) -> Callable:
   """(params, batch, rng) -> (loss to differentiate, (loss_sum, aux, activation statistics)).
 
   z_loss adds z_loss · aux['z_loss'] (the log(Z)^2 sum the objective returns when built with
   z_loss=True, train/objectives.py) to the loss differentiated; it is never part of `loss_sum`
   (nor of eval loss). On statistics steps the model call is wrapped to collect what the blocks
   sow into 'intermediates' (not a chunked objective's output-layer calls, which sow nothing).
+
+  `moe` (the config of a mixture-of-experts model) adds its layers' auxiliary losses
+  (model/moe.py aux_losses), weighted by the batch's scored tokens like every loss sum here, and
+  logs their parts.
   """
+  collections = [name for name, on in (('intermediates', with_stats), (MOE, moe is not None)) if on]
+
   def loss(params, batch: Batch, rng: jax.Array):
     seen: dict[str, Any] = {}
 
     def call(variables, *args, **kwargs):
-      if not with_stats or kwargs.get('method') == 'logits':
+      if not collections or kwargs.get('method') == 'logits':
         return apply_fn(variables, *args, **kwargs)
-      out, state = apply_fn(variables, *args, mutable=['intermediates'], **kwargs)
-      seen['intermediates'] = state.get('intermediates', {})
+      out, state = apply_fn(variables, *args, mutable=collections, **kwargs)
+      seen.update(state)
       return out
 
     loss_sum, aux = objective(call)(params, batch, rng)
@@ -57,6 +65,11 @@ def training_loss(objective: Callable[[Callable], LossFn], apply_fn: Callable, z
         raise UserError('train.z_loss applies to next-token objectives (pretrain of a decoder '
                         'or encoder-decoder, sft); set it to 0 for this stage')
       total = loss_sum + z_loss * aux['z_loss']
+    if moe is not None:
+      weight = aux['weight'] if 'weight' in aux else batch_weight(batch)
+      parts = aux_losses(seen.get(MOE, {}), moe)
+      total = total + weight * parts['moe_loss']
+      aux.update({k: weight * v for k, v in parts.items()})  # sums, as every metric in aux
     acts = activation_stats(seen.get('intermediates', {})) if with_stats else {}
     return total, (loss_sum, aux, acts)
   return loss
@@ -78,7 +91,8 @@ def make_train_step(trainer: Trainer, objective: Callable[[Callable], LossFn],
 
   def step(state: TrainState, frozen: Any, batch: Batch, rng: jax.Array):
     apply_fn = with_frozen(trainer.model.apply, frozen, trainer.heads)
-    grad_fn = jax.value_and_grad(training_loss(objective, apply_fn, t.z_loss, with_stats),
+    moe = trainer.model_cfg if trainer.model_cfg.mlp == 'moe' else None
+    grad_fn = jax.value_and_grad(training_loss(objective, apply_fn, t.z_loss, with_stats, moe),
                                  has_aux=True)
     rng = jax.random.fold_in(rng, state.step)
     if accum == 1:

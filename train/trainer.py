@@ -94,7 +94,7 @@ def init_trainer(cfg: ConfigDict, vocab_size: int, devices: list[jax.Device] | N
     raise UserError(f'train.seq_len={t.seq_len} exceeds the model context of {mcfg.max_len}')
   check_divisibility(mcfg, mesh, t.batch_size, t.grad_accum)
   model, eval_model = build(mcfg, False), build(mcfg, True)
-  tx = make_optimizer(t)
+  tx = make_optimizer(t, mcfg.width_mult)
 
   def init(rng):
     tokens = jnp.zeros((1, t.seq_len), jnp.int32)

@@ -71,12 +71,15 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ('train.spike_warmup', at_least(1)), ('train.max_skips', at_least(1)), ('train.ema_decay', RATE),
     ('train.loss_chunk', at_least(0)),
     ('model.attn_softcap', at_least(0)), ('model.logit_softcap', at_least(0)),
+    ('model.n_experts', at_least(0)), ('model.top_k', at_least(1)),
+    ('model.capacity_factor', at_least(0)), ('model.balance_loss', at_least(0)),
+    ('model.router_z_loss', at_least(0)), ('model.mup_base_width', at_least(0)),
     ('metrics.stats_every', at_least(0)), ('profile.start_step', at_least(0)),
     ('profile.steps', at_least(1)), ('profile.top_ops', at_least(1)),
     ('eval.every_steps', at_least(0)), ('eval.max_batches', at_least(0)),
     ('eval.batch_size', at_least(0)),
     ('checkpoint.every_steps', at_least(0)), ('checkpoint.keep', at_least(1)),
-    ('mesh.fsdp', at_least(1)), ('mesh.tensor', at_least(1)), ('mesh.num_processes', at_least(0)),
+    ('mesh.fsdp', at_least(1)), ('mesh.tensor', at_least(1)), ('mesh.expert', at_least(1)), ('mesh.num_processes', at_least(0)),
     ('mesh.process_id', at_least(-1)),
     ('sample.max_new_tokens', at_least(1)), ('sample.temperature', at_least(0)),
     ('sample.top_k', at_least(0)), ('sample.top_p', Range(0, 1, lo_open=True)),
@@ -143,16 +146,16 @@ def validate(cfg: ConfigDict) -> None:
 
 
 def validate_devices(cfg: ConfigDict, n_devices: int, n_processes: int = 1) -> None:
-  """The global batch must split over the mesh's data-parallel devices (data × fsdp) and the
+  """The global batch must split over the mesh's data-parallel devices (data × fsdp × expert) and the
   processes; called once JAX knows the devices (after multi-host start-up)."""
   from train.mesh import mesh_shape  # imports jax: keep `validate` free of it
-  data, fsdp, _ = mesh_shape(cfg.mesh, n_devices)
+  data, fsdp, _, expert = mesh_shape(cfg.mesh, n_devices)
   t = cfg.train
   micro = t.batch_size // t.grad_accum
-  if micro % (data * fsdp):
+  if micro % (data * fsdp * expert):
     raise UserError(f'train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro} '
-                    f'must be a multiple of the {data * fsdp} data-parallel devices (mesh.data × '
-                    'mesh.fsdp)')
+                    f'must be a multiple of the {data * fsdp * expert} data-parallel devices '
+                    '(mesh.data × mesh.fsdp × mesh.expert)')
   if t.batch_size % n_processes:
     raise UserError(f'train.batch_size={t.batch_size} must be a multiple of the {n_processes} '
                     'processes (each loads its share)')

@@ -72,7 +72,8 @@ def hf_llama_config(cfg: ModelConfig) -> dict[str, Any]:
 def check_exportable(cfg: ModelConfig) -> None:
   """Only the llama recipe has a LlamaForCausalLM twin."""
   want = dict(family='decoder', pos_encoding='rope', norm='rmsnorm', norm_position='pre',
-              mlp='swiglu', use_bias=False, qk_norm=False, attn_softcap=0.0, logit_softcap=0.0)
+              mlp='swiglu', use_bias=False, qk_norm=False, attn_softcap=0.0, logit_softcap=0.0,
+              width_mult=1.0)
   for field, value in want.items():
     if getattr(cfg, field) != value:
       raise UserError(f'model.{field}={getattr(cfg, field)!r} has no Hugging Face llama '
@@ -167,13 +168,19 @@ def layer_list(blocks: Params, cfg: ModelConfig) -> list[Params]:
   return [blocks[f'layers_{i}'] for i in range(cfg.n_layers)]
 
 
-def to_layout(params: Params, cfg: ModelConfig) -> Params:
-  """Convert imported (per-layer) parameters to `cfg`'s layout: stacked when scan_layers."""
-  if not cfg.scan_layers:
+def relayout(params: Params, cfg: ModelConfig, scan_layers: bool) -> Params:
+  """`params` of `cfg` in the layer layout of scan_layers: one stack on a leading layer axis
+  (nn.scan) or a dict per layer. A GGUF or Hugging Face import is per layer; a fine-tune that
+  scans its layers (to rematerialise them in a bounded loop) needs them stacked."""
+  if scan_layers == cfg.scan_layers:
     return params
-  layers = [params['blocks'][f'layers_{i}'] for i in range(cfg.n_layers)]
-  stacked = _map(lambda *xs: np.stack(xs), *layers)
-  return {**params, 'blocks': {'layers': {'block': stacked}}}
+  layers = layer_list(params['blocks'], cfg)
+  rest = {k: v for k, v in params['blocks'].items() if not k.startswith('layers')}
+  if scan_layers:
+    stack = {'layers': {'block': _map(lambda *xs: np.stack(xs), *layers)}}
+  else:
+    stack = {f'layers_{i}': layer for i, layer in enumerate(layers)}
+  return {**params, 'blocks': {**rest, **stack}}
 
 
 def _map(fn, *trees: Params) -> Params:

@@ -27,6 +27,23 @@ def test_random_hf_llama_imports_with_the_same_logits(tmp_path, tie):
   assert np.abs(lm.logits(TOKENS) - hf_logits(model, TOKENS)).max() <= 1e-4
 
 
+def test_imported_layers_stack_for_a_scanned_fine_tune(tmp_path):
+  """load_base(model.scan_layers=True) stacks a per-layer import for nn.scan: same logits, and
+  unstacking gives back the imported tree exactly."""
+  import dataclasses
+  from model.convert.hf_llama import relayout
+  random_hf_llama(True).save_pretrained(tmp_path)
+  lm = load_pretrained(str(tmp_path))
+  stacked = relayout(lm.params, lm.config, True)
+  scanned = dataclasses.replace(lm.config, scan_layers=True)
+  assert stacked['blocks']['layers']['block']['attn']['query']['kernel'].shape[0] == 2
+  logits = lambda cfg, params: lm.build(cfg).apply({'params': params}, TOKENS)
+  np.testing.assert_allclose(logits(scanned, stacked), logits(lm.config, lm.params), atol=1e-5)
+  back = relayout(stacked, scanned, False)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lm.params)):
+    np.testing.assert_array_equal(a, b)
+
+
 def make_workdir(path: str, **model) -> None:
   """What run.py leaves behind: config.json, tokenizer/ and an orbax checkpoint (weights
   perturbed away from their small init so the logits are far from uniform)."""

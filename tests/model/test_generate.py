@@ -13,7 +13,7 @@ from model.errors import UserError
 from model.generate import generate, generate_rows
 from model.sampling import Sampling
 from model.transformer import build_model, init_cache
-from train.mesh import LOGICAL_RULES, mesh_rules
+from train.mesh import LOGICAL_RULES, MESH_AXES, mesh_rules
 
 PROMPTS = [[1, 5, 7], [2, 3, 4, 5, 6, 9, 11, 12, 3, 8], [4]]  # different lengths: left padding
 GREEDY = Sampling(temperature=0.0)
@@ -138,7 +138,7 @@ def test_sharded_generation_matches_single_device():
   sampling = Sampling(temperature=0.8, top_k=30)
   ref = generate(model, params, PROMPTS, max_new_tokens=6, rng=jax.random.PRNGKey(3),
                  sampling=sampling)
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
   boxed = jax.eval_shape(lambda: build_model(cfg).init(jax.random.PRNGKey(0),
                                                        jnp.zeros((1, 8), jnp.int32))['params'])
   with mesh_rules(mesh):

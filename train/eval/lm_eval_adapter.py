@@ -37,7 +37,7 @@ class LmlabLM(LM):
     super().__init__()
     lm = load_pretrained(pretrained, dtype=dtype)
     self.tokenizer = lm.tokenizer
-    self.mesh = make_mesh(ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
+    self.mesh = make_mesh(ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': 1}))
     self.model = lm.build(lm.config, True)
     self.params = shard_params(self.model, lm.params, self.mesh)
     size = int(batch_size) if str(batch_size).isdigit() else 16  # 'auto' -> 16

@@ -30,6 +30,7 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.heads import build_classifier, lm_backbone
 from model.lora import count_params
+from model.convert.hf_llama import relayout
 from model.pretrained import Pretrained, load_pretrained
 from model.sampling import Sampling
 from model.transformer import build_model
@@ -44,7 +45,8 @@ from train.trainer import Trainer, inference_params, init_trainer
 SUMMARY_FILE = 'sft_summary.json'
 
 # Compute settings a fine-tuning run may change; the architecture always comes from the base.
-COMPUTE_FIELDS = ('dtype', 'attention', 'remat', 'dropout', 'attn_dropout', 'embed_dropout')
+COMPUTE_FIELDS = ('dtype', 'attention', 'remat', 'dropout', 'attn_dropout', 'embed_dropout',
+                  'scan_layers')
 
 
 def load_base(cfg: ConfigDict) -> Pretrained:
@@ -55,6 +57,7 @@ def load_base(cfg: ConfigDict) -> Pretrained:
   base = load_pretrained(cfg.pretrained)
   if base.tokenizer is None:
     raise UserError(f'{cfg.pretrained} ships no tokenizer; stage={cfg.stage} needs one')
+  base.params = relayout(base.params, base.config, cfg.model.scan_layers)
   base.config = dataclasses.replace(base.config, **{f: cfg.model[f] for f in COMPUTE_FIELDS})
   return base
 
