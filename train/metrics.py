@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -119,6 +120,20 @@ def device_peak_flops(remeasure: bool = False) -> float:
   return cache[key] / jax.device_count()
 
 
+def summary_writer_class() -> type:
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is
+  installed (5-6 s of every run's start-up) only to accept torch tensors, and we log floats."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError: tensorboardX's own fallback
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard and to
   the trackers (wandb, MLflow) that the run's config turns on.
@@ -138,7 +153,7 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
+    SummaryWriter = summary_writer_class()  # imported lazily: only the writing process needs it
     path = os.path.join(workdir, 'metrics.jsonl')
     self._trackers = self._open_trackers(workdir, config, resume_step)
     self._tracked_through = last_logged_step(path) if resume_step else None

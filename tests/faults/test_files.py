@@ -34,3 +34,35 @@ def test_resume_drops_redone_and_cut_rows(tmp_path):
   before = path.stat().st_mtime_ns
   keep_rows_through(str(path), None)  # nothing to drop: the file is left alone
   assert path.stat().st_mtime_ns == before
+
+
+def tensorboard_scalars(folder) -> dict[tuple[int, str], float]:
+  """(step, tag) -> value of every scalar in the event files: TFRecord framing (length, its CRC,
+  the Event proto, its CRC) parsed with tensorboardX's own protos."""
+  import struct
+
+  from tensorboardX.proto.event_pb2 import Event
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    data = (folder / name).read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack('<Q', data[at:at + 8])
+      event = Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      for value in event.summary.value:
+        out[(event.step, value.tag)] = value.simple_value
+  return out
+
+
+def test_tensorboard_mirrors_the_scalars_without_importing_torch(tmp_path):
+  import subprocess
+  import sys
+  script = ('import sys; from train.metrics import MetricWriter; w = MetricWriter(sys.argv[1]); '
+            'w.write(1, {"loss": 2.5, "note": "text"}); w.write(2, {"loss": 1.25}); w.close(); '
+            'print("torch" in sys.modules)')
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, '-c', script, str(tmp_path)], cwd=root, text=True,
+                       capture_output=True, env={**os.environ, 'PYTHONPATH': root})
+  assert out.stdout.strip() == 'False', out.stderr[-2000:]  # tensorboardX would import it: 5 s
+  assert tensorboard_scalars(tmp_path / 'tensorboard') == {(1, 'loss'): 2.5, (2, 'loss'): 1.25}
