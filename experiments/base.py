@@ -193,6 +193,7 @@ def get_config() -> ConfigDict:
   w.launcher = 'local'            # local (run trials here) | emit (write commands.sh and slurm.sbatch)
   w.slurm_header = ''             # emit: extra #SBATCH options, ';'-separated, e.g. '--gres=gpu:1;--time=60'
   w.plot_x = 'train.lr'           # stage=sweep: plot the final eval loss against this override ('' = none)
+  w.plot_panels = ''              # stage=sweep: one panel per value of this override ('' = one plot)
 
   g = c.scaling = ConfigDict()
   g.ladder = '1x16,2x16,1x32,2x32,2x48,3x48,3x64,3x80,4x96'  # candidate models, LAYERSxWIDTH

@@ -6,7 +6,7 @@ Under SP (GPT-2's fixed init, one Adam learning rate) the best learning rate fal
 widens; under µP (model.parameterization=mup, base width 64: the 64-wide run is SP's exactly) it
 stays put, so a rate tuned on the small model holds for the wide one. Heads keep head_dim 16 and
 grow with the width. Trials are lr_sweep.py's byte-level stdlib runs; DIR gets results.csv and
-results.png (final eval loss vs lr, a line per width and parameterization).
+results.png (final eval loss vs lr, a panel per parameterization, a line per width).
 """
 from ml_collections import ConfigDict
 
@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
   c = lr_sweep.get_config()
   c.model.mup_base_width = WIDTHS[0]
   c.sweep.experiment = 'experiments/mup_transfer.py'
+  c.sweep.plot_panels = 'model.parameterization'
   return c
 
 

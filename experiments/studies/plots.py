@@ -41,22 +41,30 @@ def _plot_positive(ax, x, y, *args, **kwargs) -> None:
     ax.plot(x[ok], y[ok], *args, **kwargs)
 
 
-def sweep_curves(rows: list[dict[str, Any]], x: str, path: str, metric: str = 'eval_loss') -> str:
-  """Final `metric` against override `x` (log axis), one line per setting of the other overrides."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+def sweep_curves(rows: list[dict[str, Any]], x: str, path: str, metric: str = 'eval_loss',
+                 panels: str = '') -> str:
+  """Final `metric` against override `x` (log axis), one line per setting of the other overrides;
+  one panel per value of override `panels` when given (e.g. model.parameterization)."""
   done = [r for r in rows if r['state'] == 'finished' and x in r]
-  swept = {k for r in done for k in r if '.' in k and k != x}  # dotted keys are overrides
+  values = sorted({str(r.get(panels)) for r in done}) if panels else ['']
+  fig, axes = plt.subplots(1, len(values), figsize=(6 * len(values), 4), squeeze=False,
+                           sharey=True)
+  swept = {k for r in done for k in r if '.' in k and k not in (x, panels)}  # dotted: overrides
   others = sorted(k for k in swept if len({str(r.get(k)) for r in done}) > 1)
-  groups: dict[tuple, list] = {}
-  for r in done:
-    groups.setdefault(tuple((k, r.get(k)) for k in others), []).append((float(r[x]), float(r[metric])))
-  for (key, points), color in zip(sorted(groups.items(), key=str), _colors(len(groups))):
-    xs, ys = np.array(sorted(points)).T
-    label = ', '.join(f'{k.rsplit(".", 1)[-1]}={v}' for k, v in key) or metric
-    ax.plot(xs, ys, 'o-', color=color, label=label)
-    ax.plot(xs[np.argmin(ys)], ys.min(), '*', color=color, ms=14)
-  ax.set(xscale='log', xlabel=x, ylabel=f'final {metric}', title=f'{metric} vs {x} (★ = best)')
-  _legend(ax)
+  for value, ax in zip(values, axes[0]):
+    groups: dict[tuple, list] = {}
+    for r in done:
+      if not panels or str(r.get(panels)) == value:
+        groups.setdefault(tuple((k, r.get(k)) for k in others), []).append(
+            (float(r[x]), float(r[metric])))
+    for (key, points), color in zip(sorted(groups.items(), key=str), _colors(len(groups))):
+      xs, ys = np.array(sorted(points)).T
+      label = ', '.join(f'{k.rsplit(".", 1)[-1]}={v}' for k, v in key) or metric
+      ax.plot(xs, ys, 'o-', color=color, label=label)
+      ax.plot(xs[np.argmin(ys)], ys.min(), '*', color=color, ms=14)
+    title = f'{metric} vs {x} (★ = best)' + (f': {panels.rsplit(".", 1)[-1]}={value}' if panels else '')
+    ax.set(xscale='log', xlabel=x, ylabel=f'final {metric}', title=title)
+    _legend(ax)
   return _save(fig, path)
 
 

@@ -91,7 +91,8 @@ def sweep_stage(cfg: ConfigDict, workdir: str) -> None:
   sweep.write_csv(rows, os.path.join(workdir, 'results.csv'))
   if cfg.sweep.plot_x and any(r['state'] == 'finished' for r in rows):
     from experiments.studies import plots  # matplotlib costs every run.py start ~1 s: load it on use
-    plots.sweep_curves(rows, cfg.sweep.plot_x, os.path.join(workdir, 'results.png'))
+    plots.sweep_curves(rows, cfg.sweep.plot_x, os.path.join(workdir, 'results.png'),
+                       panels=cfg.sweep.plot_panels)
   finished = sum(r['state'] == 'finished' for r in rows)
   print(f'sweep: {finished}/{len(rows)} trials finished; results in {workdir}/results.csv', flush=True)
   report_failures(rows, workdir)
