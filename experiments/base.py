@@ -110,6 +110,10 @@ def get_config() -> ConfigDict:
   t.warmup_steps = 100
   t.min_lr_ratio = 0.1            # final lr = lr * min_lr_ratio (cosine, linear, wsd)
   t.decay_fraction = 0.2          # wsd: share of steps spent decaying
+  t.decay_steps = 0               # wsd: steps spent decaying (> 0: overrides decay_fraction)
+  t.decay_shape = 'linear'        # wsd: linear | sqrt (1 - sqrt of the decay's progress: Hägele et al. 2024)
+  t.branch_from = ''              # 'RUN_WORKDIR:STEP': start from that run's checkpoint (weights, optimizer,
+                                  #   data position), e.g. a wsd cooldown branched off a constant-lr run
   t.b1 = 0.9
   t.b2 = 0.95
   t.eps = 1e-8

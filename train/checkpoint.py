@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from model.errors import UserError
+from train.workdir import tokenizer_dir
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -166,6 +167,31 @@ def latest_step(workdir: str) -> int | None:
     return manager.latest_step()
   finally:
     manager.close()
+
+
+def branch_from(spec: str, workdir: str, steps: int) -> None:
+  """train.branch_from = 'RUN:STEP': copy RUN's finished checkpoint STEP (and its tokenizer) into
+  `workdir`, which then resumes from it: weights, optimizer state and data position, so a branch
+  whose schedule agrees with RUN's up to STEP continues as one uninterrupted run would (a WSD
+  cooldown off a constant-lr run). Nothing is copied once `workdir` has a checkpoint of its own:
+  the branch resumes itself. The copy lands under a temporary name, then one rename."""
+  if not spec or latest_step(workdir) is not None:
+    return
+  run, _, step = spec.rpartition(':')
+  source = os.path.join(checkpoint_dir(run), step)
+  if not run or not step.isdigit() or not os.path.isdir(source):
+    raise UserError(f'train.branch_from={spec!r}: no finished checkpoint {source}; give '
+                    'RUN_WORKDIR:STEP of a saved step (ls RUN_WORKDIR/checkpoints)')
+  if int(step) >= steps:
+    raise UserError(f'train.branch_from={spec!r} starts at step {step}, not before '
+                    f'train.steps={steps}; train longer than the branch point')
+  target = os.path.join(checkpoint_dir(workdir), step)
+  os.makedirs(checkpoint_dir(workdir), exist_ok=True)
+  shutil.rmtree(target + '.branching', ignore_errors=True)
+  shutil.copytree(source, target + '.branching')
+  os.rename(target + '.branching', target)
+  if os.path.isdir(tokenizer_dir(run)) and not os.path.exists(tokenizer_dir(workdir)):
+    shutil.copytree(tokenizer_dir(run), tokenizer_dir(workdir))
 
 
 def restore_latest(workdir: str, like_state: Any) -> tuple[Any, dict]:

@@ -64,7 +64,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ('data.seq2seq.sentinels', at_least(0)), ('data.seq2seq.exact_match', at_least(0)),
     ('train.steps', at_least(1)), ('train.batch_size', at_least(1)), ('train.seq_len', at_least(1)),
     ('train.grad_accum', at_least(1)), ('train.lr', POSITIVE), ('train.warmup_steps', at_least(0)),
-    ('train.min_lr_ratio', UNIT), ('train.decay_fraction', UNIT), ('train.b1', RATE),
+    ('train.min_lr_ratio', UNIT), ('train.decay_fraction', UNIT), ('train.decay_steps', at_least(0)), ('train.b1', RATE),
     ('train.b2', RATE), ('train.eps', at_least(0)), ('train.weight_decay', at_least(0)),
     ('train.clip_norm', at_least(0)), ('train.log_every', at_least(1)),
     ('train.muon_lr', POSITIVE), ('train.z_loss', at_least(0)), ('train.spike_threshold', at_least(0)),
@@ -110,6 +110,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
 RELATIONS: tuple[tuple[str, Callable[[ConfigDict], bool], str], ...] = (
     ('train.grad_accum', lambda c: c.train.batch_size % c.train.grad_accum == 0,
      'a divisor of train.batch_size'),
+    ('train.decay_steps', lambda c: c.train.decay_steps < c.train.steps, '< train.steps'),
     ('train.seq_len', lambda c: not c.model.max_len or c.train.seq_len <= c.model.max_len,
      '<= model.max_len (when set)'),
     ('model.n_heads', lambda c: bool(c.model.head_dim) or c.model.d_model % c.model.n_heads == 0,

@@ -43,6 +43,7 @@ def pretrain_dataset(cfg: ConfigDict, workdir: str) -> Dataset | Seq2SeqDataset:
 
 
 def pretrain_stage(cfg: ConfigDict, workdir: str) -> None:
+  checkpoint.branch_from(cfg.train.branch_from, workdir, cfg.train.steps)
   dataset = pretrain_dataset(cfg, workdir)
   truth = dataset.info.get('true_entropy_nats_per_token')
   if truth is not None:
