@@ -15,20 +15,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
 from model.moe import MoeMlp
+from model.sharding import param_init, zeros_init
 from model.splash import splash_attention
 
 Array = jax.Array
-Init = Callable[..., Array]
 NEG_INF = -1e30  # large finite: fully masked rows stay finite in f32 softmax
-
-
-def param_init(stddev: float, axes: tuple[str, ...]) -> Init:
-  """GPT-2 style normal init, annotated with logical axes."""
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
-
-
-def zeros_init(axes: tuple[str, ...]) -> Init:
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
 class Linear(nn.Module):

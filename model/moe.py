@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
+from model.sharding import mesh_axes, param_init
 
 Array = jax.Array
 COLLECTION = 'moe'
@@ -82,10 +83,7 @@ def dropless(x: Array, experts: Array, weights: Array, gate: Array, up: Array, d
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or 'expert' not in mesh.axis_names:
     return dropless_local(flat(x), flat(experts), flat(weights), gate, up, down).reshape(b, t, d)
-  spec = nn.logical_to_mesh_axes(('act_batch',))[0]
-  rows = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  if b % math.prod(mesh.shape[a] for a in rows):
-    rows = ()  # a batch the mesh does not divide (the one row that initialises the model)
+  rows = mesh_axes('act_batch', b)
   ep = mesh.shape['expert']
   gathered = 'expert' in rows and ep > 1
 
@@ -151,11 +149,10 @@ class MoeMlp(nn.Module):
   def __call__(self, x: Array) -> Array:
     c = self.cfg
     e, d, f = c.n_experts, c.d_model, c.d_ff
-    init = lambda std, axes: nn.with_logical_partitioning(nn.initializers.normal(std), axes)
-    router = self.param('router', init(0.02, ('embed', None)), (d, e), c.weight_dtype)
-    gate = self.param('gate', init(0.02, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
-    up = self.param('up', init(0.02, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
-    down = self.param('down', init(0.02 / math.sqrt(2 * c.n_layers), ('expert', 'mlp', 'embed')),
+    router = self.param('router', param_init(0.02, ('embed', None)), (d, e), c.weight_dtype)
+    gate = self.param('gate', param_init(0.02, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
+    up = self.param('up', param_init(0.02, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
+    down = self.param('down', param_init(0.02 / math.sqrt(2 * c.n_layers), ('expert', 'mlp', 'embed')),
                       (e, f, d), c.weight_dtype)
     x = x.astype(c.compute_dtype)
     logits = jnp.einsum('btd,de->bte', x.astype(jnp.float32), router.astype(jnp.float32))

@@ -14,13 +14,13 @@ Off TPU (CPU, GPU) the kernel runs in Pallas' interpret mode: exact, slow, for t
 """
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from model.errors import UserError
+from model.sharding import mesh_axes
 
 Array = jax.Array
 BLOCKS = (512, 256, 128)  # tile sizes tried, largest first; the kernel needs multiples of 128
@@ -64,15 +64,8 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: b
   if mesh.empty:
     return local(q, k, v, segment_ids)
 
-  def axes(name: str, size: int) -> str | tuple[str, ...] | None:
-    """The mesh axes the rules give logical `name` if they divide `size`, else None: replicated
-    (the one-row batch that initialises the model)."""
-    spec = nn.logical_to_mesh_axes((name,))[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return spec if size % math.prod(mesh.shape[n] for n in names) == 0 else None
-
-  rows, heads = axes('act_batch', b), axes('act_heads', h)
-  if axes('act_kv_heads', k.shape[2]) != heads:  # query head i must find kv head i // r locally
+  rows, heads = mesh_axes('act_batch', b) or None, mesh_axes('act_heads', h) or None
+  if (mesh_axes('act_kv_heads', k.shape[2]) or None) != heads:  # query head i must find kv head i // r locally
     heads = None
   spec = P(rows, None, heads, None)  # of q, k, v and the output
   # check_vma=False: the kernel's pallas_call declares no varying mesh axes for its outputs.
