@@ -21,13 +21,33 @@ flags.DEFINE_bool('measure_peak', False, 'Measure the CPU matmul peak again (kee
 flags.DEFINE_integer('stats_every', 0, 'Also time the run with per-layer statistics every k steps '
                      '(metrics.stats_every) against without, interleaved, metrics pulled every step.')
 flags.DEFINE_integer('vocab', 0, 'Vocabulary size (0 = model.vocab_size or 65, as Shakespeare chars).')
+flags.DEFINE_string('profile', '', 'Also trace 3 steps with jax.profiler into this folder and print the '
+                    '25 XLA ops that took longest (on GPU: the device kernels).')
 
 
 def main(_):
   from train.xla_flags import set_cpu_defaults
   set_cpu_defaults()  # the same XLA flags as run.py, before JAX starts
-  import jax
+  F = flags.FLAGS
+  report(measure(F.config, F.steps, F.warmup, F.vocab, F.measure_peak, F.stats_every, F.profile))
+
+
+def random_batch(batch_size: int, seq_len: int, vocab: int) -> dict:
+  """One packed-looking batch of random tokens: a single segment per row, every position weighted."""
   import numpy as np
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+              segment_ids=np.ones((batch_size, seq_len), np.int32),
+              positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+              weights=np.ones((batch_size, seq_len), np.float32))
+
+
+def measure(cfg, steps: int, warmup: int, vocab: int = 0, measure_peak: bool = False,
+            stats_every: int = 0, profile: str = '') -> dict:
+  """Compile the train step for `cfg`, run `warmup` steps, then time `steps`: the figures `report`
+  prints (step time, tokens/s, MFU, memory)."""
+  import jax
 
   from train.step import compile_train_step
   from train.trainer import init_trainer
@@ -35,47 +55,64 @@ def main(_):
   from train.metrics import device_peak_flops, flops_per_token
   from train.objectives import causal_lm_loss
 
-  cfg, F = flags.FLAGS.config, flags.FLAGS
-  vocab = F.vocab or cfg.model.vocab_size or 65
+  vocab = vocab or cfg.model.vocab_size or 65
   t = cfg.train
   trainer = init_trainer(cfg, vocab)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, vocab, (t.batch_size, t.seq_len + 1)).astype(np.int32)
-  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-               segment_ids=np.ones((t.batch_size, t.seq_len), np.int32),
-               positions=np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (t.batch_size, t.seq_len)),
-               weights=np.ones((t.batch_size, t.seq_len), np.float32))
   with mesh_rules(trainer.mesh):
-    batch = global_batch(batch, trainer.mesh)
+    batch = global_batch(random_batch(t.batch_size, t.seq_len, vocab), trainer.mesh)
     objective = functools.partial(causal_lm_loss, loss_chunk=t.loss_chunk, z_loss=t.z_loss > 0)
     step = compile_train_step(trainer, objective, batch)
     key = jax.random.PRNGKey(0)
     state = trainer.state
-    for _ in range(F.warmup):
+    for _ in range(warmup):
       state, m = step(state, batch, key)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
-    for _ in range(F.steps):
+    for _ in range(steps):
       state, m = step(state, batch, key)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / F.steps
-    if F.stats_every:
-      state = stats_overhead(trainer, objective, step, state, batch, key, F.stats_every, F.steps)
-  tokens_per_step = t.batch_size * t.seq_len
-  fpt = flops_per_token(trainer.model_cfg, t.seq_len)
-  peak = device_peak_flops(F.measure_peak) * jax.device_count()
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f'model: {n_params / 1e6:.2f}M params, {trainer.model_cfg.n_layers} layers, width '
-        f'{trainer.model_cfg.d_model}, batch {t.batch_size} x {t.seq_len}, dtype {trainer.model_cfg.dtype}, '
-        f'{jax.device_count()} x {jax.devices()[0].device_kind}')
-  print(f'step time      {dt * 1e3:.1f} ms')
-  print(f'tokens/s       {tokens_per_step / dt:,.0f}')
-  print(f'model FLOP/s   {tokens_per_step * fpt / dt / 1e9:.1f} GFLOP/s ({fpt / 1e6:.2f} MFLOP/token)')
-  print(f'MFU            {tokens_per_step * fpt / dt / peak:.1%} of {peak / 1e9:.0f} GFLOP/s peak')
-  print(f'peak host RSS  {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+    dt = (time.perf_counter() - t0) / steps
+    if stats_every:
+      state = stats_overhead(trainer, objective, step, state, batch, key, stats_every, steps)
+    if profile:
+      state = trace_steps(step, state, batch, key, profile)
   stats = jax.devices()[0].memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:  # accelerators only
-    print(f'peak device memory {stats["peak_bytes_in_use"] / 2**30:.2f} GiB')
+  return {'step_s': dt, 'tokens': t.batch_size * t.seq_len,
+          'flops_per_token': flops_per_token(trainer.model_cfg, t.seq_len),
+          'peak_flops': device_peak_flops(measure_peak) * jax.device_count(),
+          'params': sum(x.size for x in jax.tree.leaves(state.params)), 'model': trainer.model_cfg,
+          'batch': (t.batch_size, t.seq_len), 'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+          'device_peak_bytes': stats.get('peak_bytes_in_use')}  # accelerators only
+
+
+def report(r: dict) -> None:
+  m, (b, s), dt = r['model'], r['batch'], r['step_s']
+  print(f'model: {r["params"] / 1e6:.2f}M params, {m.n_layers} layers, width {m.d_model}, batch {b} x {s}, '
+        f'dtype {m.dtype}, {r["devices"]}')
+  print(f'step time      {dt * 1e3:.1f} ms')
+  print(f'tokens/s       {r["tokens"] / dt:,.0f}')
+  print(f'model FLOP/s   {r["tokens"] * r["flops_per_token"] / dt / 1e9:.1f} GFLOP/s '
+        f'({r["flops_per_token"] / 1e6:.2f} MFLOP/token)')
+  print(f'MFU            {mfu(r):.1%} of {r["peak_flops"] / 1e9:.0f} GFLOP/s peak')
+  print(f'peak host RSS  {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+  if r['device_peak_bytes'] is not None:
+    print(f'peak device memory {r["device_peak_bytes"] / 2**30:.2f} GiB')
+
+
+def mfu(r: dict) -> float:
+  return r['tokens'] * r['flops_per_token'] / r['step_s'] / r['peak_flops']
+
+
+def trace_steps(step, state, batch, key, log_dir: str, steps: int = 3):
+  """Trace `steps` steps and print the 25 ops with the most self time (train/profiling.py)."""
+  from train.profiling import ProfileWindow
+  window = ProfileWindow(1, steps, 25, log_dir, print)
+  window.start()
+  for i in range(1, steps + 1):
+    window.mark(i)
+    state, m = step(state, batch, key)
+  window.stop(m)
+  return state
 
 
 def stats_overhead(trainer, objective, step, state, batch, key, every: int, steps: int):
