@@ -163,6 +163,7 @@ def get_config() -> ConfigDict:
   # ---- checkpoints ---------------------------------------------------------------------------
   k = c.checkpoint = ConfigDict()
   k.every_steps = 500             # 0 = only at the end
+  k.at_steps = ()                 # also save at these steps (a WSD study's branch points)
   k.keep = 3
   k.async_save = True
 
@@ -215,6 +216,11 @@ def get_config() -> ConfigDict:
   g.min_batch = 2                 # rows of train.seq_len tokens
   g.max_batch = 8                 # on CPU, bigger batches fall out of cache and cost more per token
   g.warmup_fraction = 0.05        # warmup steps as a share of each run (a fixed warmup swamps small runs)
+  g.design = 'isoflop'            # isoflop (one cosine run per point) | wsd (one constant-lr run per size,
+                                  #   each point a cooldown branched off it: Hägele et al. 2024)
+  g.cooldown_fraction = 0.2       # wsd: share of each point's steps spent cooling down
+  g.cooldown_shape = 'sqrt'       # wsd: linear | sqrt (1-sqrt, Hägele et al.'s best)
+  g.reference = ''                # wsd: workdir of a finished isoflop study to compare exponent and FLOPs with
   g.bootstrap = 200               # resamples (runs drawn within each budget) for the 90% intervals
   g.metric = 'eval_loss'          # final metric the laws are fitted to, e.g. eval/NAME/bpb (lower = better)
 

@@ -13,7 +13,8 @@ COOLDOWN = ['--config.train.steps=10', '--config.train.schedule=wsd',
 def test_cooldown_branch_equals_the_full_wsd_run(tmp_path):
   stable, branch, fresh = (tmp_path / n for n in ('stable', 'branch', 'fresh'))
   out = {}
-  for workdir, flags in ((stable, ['--config.train.steps=12', '--config.train.schedule=constant']),
+  at_six = ['--config.checkpoint.every_steps=0', '--config.checkpoint.at_steps=(6,)']  # a WSD study's stable run
+  for workdir, flags in ((stable, ['--config.train.steps=12', '--config.train.schedule=constant', *at_six]),
                          (branch, [*COOLDOWN, f'--config.train.branch_from={stable}:6']),
                          (fresh, COOLDOWN)):
     out[workdir] = run(workdir, *SCHEDULE, *flags)

@@ -181,7 +181,8 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
         pending = (step, metrics)
         watch.switch('other')
         stopping = preempt.requested  # read once: this step's row is written on the way out
-        is_ckpt = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        is_ckpt = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                   or step in cfg.checkpoint.at_steps)
         if is_eval(step) or is_ckpt or stopping or window.ends(step):
           flush(log=not stopping)  # this step's loss is checked before anything is saved
         if window.ends(step):

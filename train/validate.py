@@ -90,7 +90,8 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ('scaling.tokens_per_param', POSITIVE), ('scaling.lr', POSITIVE), ('scaling.lr_width', at_least(1)),
     ('scaling.lr_batch', at_least(1)), ('scaling.min_steps', at_least(1)),
     ('scaling.min_batch', at_least(1)), ('scaling.max_batch', at_least(1)),
-    ('scaling.warmup_fraction', UNIT), ('scaling.bootstrap', at_least(1)),
+    ('scaling.warmup_fraction', UNIT), ('scaling.cooldown_fraction', OPEN_UNIT),
+    ('scaling.bootstrap', at_least(1)),
     ('sft.eval_fraction', OPEN_UNIT), ('sft.max_examples', at_least(0)),
     ('sft.eval_generate', at_least(0)), ('sft.max_new_tokens', at_least(1)),
     ('rlhf.pairs', at_least(2)), ('rlhf.eval_pairs', at_least(1)), ('rlhf.prompt_len', at_least(1)),
@@ -124,6 +125,8 @@ RELATIONS: tuple[tuple[str, Callable[[ConfigDict], bool], str], ...] = (
     ('scaling.budgets', lambda c: len(c.scaling.budgets) > 0 and all(b in POSITIVE for b in c.scaling.budgets),
      'one or more budgets > 0'),
     ('scaling.lr_check', lambda c: all(x in POSITIVE for x in c.scaling.lr_check), 'multipliers > 0'),
+    ('checkpoint.at_steps', lambda c: all(isinstance(x, int) and x >= 1 for x in c.checkpoint.at_steps),
+     'whole steps >= 1'),
     ('rlhf.eval_pairs', lambda c: c.rlhf.eval_pairs < c.rlhf.pairs, '< rlhf.pairs'),
 )
 

@@ -7,8 +7,11 @@ batch shrinks at small budgets so every run takes at least `min_steps` optimizer
 sit on a plateau and bend the large-model side of each curve), warmup is a fraction of the run, and
 the learning rate follows a per-width rule (standard parameterization moves the optimum with width).
 """
+import csv
 import dataclasses
+import json
 import math
+import os
 import re
 from typing import Any, Callable
 
@@ -62,6 +65,9 @@ class PlannedRun:
   warmup_steps: int
   lr: float
   seq_len: int
+  branch_step: int = 0      # wsd: the cooldown starts from the stable run's checkpoint at this step
+  stable: str = ''          # wsd: that stable run's name
+  decay_shape: str = 'linear'
 
   @property
   def tokens(self) -> int:
@@ -69,14 +75,24 @@ class PlannedRun:
 
   @property
   def flops(self) -> float:
-    """FLOPs this run actually does (steps are whole numbers, so not exactly the budget)."""
+    """FLOPs of the whole run (steps are whole numbers, so not exactly the budget); a cooldown
+    counts its stable part too: this is what the run would cost trained on its own."""
     return self.tokens * self.cost.flops_per_token
+
+  @property
+  def own_flops(self) -> float:
+    """FLOPs this run spends itself: a cooldown only its steps after the branch point."""
+    return (self.steps - self.branch_step) * self.batch_size * self.seq_len * self.cost.flops_per_token
 
   def overrides(self) -> dict:
     s = self.cost.shape
-    return {'model.n_layers': s.n_layers, 'model.d_model': s.d_model, 'model.n_heads': s.n_heads,
-            'train.batch_size': self.batch_size, 'train.steps': self.steps,
-            'train.warmup_steps': self.warmup_steps, 'train.lr': self.lr}
+    out = {'model.n_layers': s.n_layers, 'model.d_model': s.d_model, 'model.n_heads': s.n_heads,
+           'train.batch_size': self.batch_size, 'train.steps': self.steps,
+           'train.warmup_steps': self.warmup_steps, 'train.lr': self.lr}
+    if self.branch_step:  # train.branch_from names the stable run's folder: the stage adds it
+      out.update({'train.schedule': 'wsd', 'train.decay_steps': self.steps - self.branch_step,
+                  'train.decay_shape': self.decay_shape})
+    return out
 
   def row(self) -> dict:
     """The plan as a CSV row."""
@@ -85,7 +101,46 @@ class PlannedRun:
             'd_model': s.d_model, 'n_heads': s.n_heads, 'n_flops': self.cost.n,
             'params': self.cost.params, 'params_non_embedding': self.cost.params_non_embedding,
             'batch_size': self.batch_size, 'steps': self.steps, 'warmup_steps': self.warmup_steps,
-            'lr': self.lr, 'tokens': self.tokens, 'flops': self.flops}
+            'lr': self.lr, 'tokens': self.tokens, 'flops': self.flops, 'own_flops': self.own_flops,
+            'branch_step': self.branch_step, 'stable': self.stable}
+
+
+@dataclasses.dataclass(frozen=True)
+class StableRun:
+  """WSD: one constant-lr run per model size, saving a checkpoint at each of its cooldowns' branch
+  points; it ends at the last one (its own loss is never fitted: it has not cooled down)."""
+  name: str
+  cost: ShapeCost
+  batch_size: int
+  warmup_steps: int
+  lr: float
+  seq_len: int
+  branch_steps: tuple[int, ...]
+
+  @property
+  def steps(self) -> int:
+    return max(self.branch_steps)
+
+  @property
+  def own_flops(self) -> float:
+    return self.steps * self.batch_size * self.seq_len * self.cost.flops_per_token
+
+  def overrides(self) -> dict:
+    s = self.cost.shape
+    return {'model.n_layers': s.n_layers, 'model.d_model': s.d_model, 'model.n_heads': s.n_heads,
+            'train.batch_size': self.batch_size, 'train.steps': self.steps,
+            'train.warmup_steps': self.warmup_steps, 'train.lr': self.lr,
+            'train.schedule': 'constant', 'eval.every_steps': 0, 'checkpoint.every_steps': 0,
+            'checkpoint.at_steps': self.branch_steps, 'checkpoint.keep': len(self.branch_steps)}
+
+  def row(self) -> dict:
+    s = self.cost.shape
+    return {'name': self.name, 'role': 'stable', 'budget': '', 'n_layers': s.n_layers,
+            'd_model': s.d_model, 'n_heads': s.n_heads, 'n_flops': self.cost.n,
+            'params': self.cost.params, 'params_non_embedding': self.cost.params_non_embedding,
+            'batch_size': self.batch_size, 'steps': self.steps, 'warmup_steps': self.warmup_steps,
+            'lr': self.lr, 'tokens': self.steps * self.batch_size * self.seq_len,
+            'flops': self.own_flops, 'own_flops': self.own_flops, 'branch_step': '', 'stable': ''}
 
 
 def parse_ladder(spec: str, head_dim: int) -> list[Shape]:
@@ -148,9 +203,12 @@ def run_name(budget: float, shape: Shape, lr_multiplier: float = 1.0) -> str:
 
 
 def plan_run(budget: float, cost: ShapeCost, s: ConfigDict, seq_len: int, role: str = 'isoflop',
-             lr_multiplier: float = 1.0) -> PlannedRun:
-  """Steps and batch that spend `budget` within 1% (else a UserError naming the fix)."""
-  batch, steps = batch_and_steps(budget / cost.flops_per_token, seq_len, s)
+             lr_multiplier: float = 1.0, batch: int = 0) -> PlannedRun:
+  """Steps and batch (the batch rule's unless given) that spend `budget` within 1% (else a
+  UserError naming the fix)."""
+  tokens = budget / cost.flops_per_token
+  batch, steps = (batch, max(round(tokens / (batch * seq_len)), 1)) if batch else \
+      batch_and_steps(tokens, seq_len, s)
   lr = lr_for(cost.shape.d_model, batch, s) * lr_multiplier
   run = PlannedRun(run_name(budget, cost.shape, lr_multiplier), role, budget, cost, batch, steps,
                    max(round(s.warmup_fraction * steps), 1), lr, seq_len)
@@ -177,6 +235,48 @@ def plan(cfg: ConfigDict, vocab_size: int) -> list[PlannedRun]:
   for cost in dict.fromkeys([first[0], first[-1]]):
     runs += [plan_run(budgets[0], cost, s, seq_len, 'lr_check', m) for m in s.lr_check if m != 1.0]
   return runs
+
+
+def plan_wsd(cfg: ConfigDict, vocab_size: int) -> tuple[list[StableRun], list[PlannedRun]]:
+  """WSD cooldown branching (Hägele et al. 2024): the same IsoFLOP points as `plan`, but each model
+  size trains once at constant lr, and each point is a cooldown of `scaling.cooldown_fraction` of
+  its steps branched off that run. A size keeps one batch (the batch rule's at its smallest budget)
+  and one warmup, so every branch agrees with its stable run up to the branch point."""
+  s = cfg.scaling
+  if s.cooldown_shape not in ('linear', 'sqrt'):
+    raise UserError(f'scaling.cooldown_shape={s.cooldown_shape!r} is not one of linear, sqrt')
+  runs = plan(cfg, vocab_size)
+  by_size: dict[Shape, list[PlannedRun]] = {}
+  for r in runs:
+    if r.role == 'isoflop':
+      by_size.setdefault(r.cost.shape, []).append(r)
+  stables, cooldowns = [], []
+  for shape, points in by_size.items():
+    points.sort(key=lambda r: r.budget)
+    first = points[0]
+    name = f'stable_{shape.label}'
+    branched = []
+    for p in points:
+      run = plan_run(p.budget, p.cost, s, p.seq_len, batch=first.batch_size)
+      branch = round((1 - s.cooldown_fraction) * run.steps)
+      if branch <= first.warmup_steps or branch >= run.steps:
+        raise UserError(f'{run.name}: a cooldown of {s.cooldown_fraction:g} of {run.steps} steps '
+                        f'leaves no stable phase after the {first.warmup_steps} warmup steps (or no '
+                        'cooldown); change scaling.cooldown_fraction or raise scaling.min_steps')
+      branched.append(dataclasses.replace(run, warmup_steps=first.warmup_steps, lr=first.lr,
+                                          branch_step=branch, stable=name,
+                                          decay_shape=s.cooldown_shape))
+    stables.append(StableRun(name, first.cost, first.batch_size, first.warmup_steps, first.lr,
+                             first.seq_len, tuple(r.branch_step for r in branched)))
+    cooldowns += branched
+  return stables, cooldowns
+
+
+def compute_summary(stables: list[StableRun], cooldowns: list[PlannedRun]) -> dict[str, float]:
+  """FLOPs the WSD study spends against the same points trained one run each."""
+  used = sum(r.own_flops for r in stables) + sum(r.own_flops for r in cooldowns)
+  separate = sum(r.flops for r in cooldowns)
+  return {'wsd_flops': used, 'one_run_per_point_flops': separate, 'ratio': used / separate}
 
 
 # ---- analysis -----------------------------------------------------------------------------------
@@ -229,11 +329,16 @@ def lr_check(rows: list[dict]) -> dict[str, dict]:
 
 
 def train_curves(rows: list[dict], workdirs: dict[str, str]) -> dict:
-  """{name: (N, FLOPs, smoothed train loss)} of the finished IsoFLOP runs, for Approach 1."""
+  """{name: (N, FLOPs, smoothed train loss)} of the finished IsoFLOP runs, for Approach 1; a WSD
+  cooldown's curve is its stable run's up to the branch point, then its own."""
   curves = {}
   for r in rows:
     if r['role'] == 'isoflop' and r['state'] == 'finished':
       records = [m for m in sweep.read_metrics(workdirs[r['name']]) if 'loss' in m]
+      if r.get('stable'):
+        stable = sweep.read_metrics(workdirs[r['stable']])
+        records = [m for m in stable if 'loss' in m and m['step'] <= r['branch_step']] + \
+            [m for m in records if m['step'] > r['branch_step']]
       flops = np.array([m['flops'] for m in records])
       curves[r['name']] = (r['n_flops'], flops, fits.smooth(flops, [m['loss'] for m in records], 1.25))
   return curves
@@ -328,6 +433,41 @@ def acceptance(result: dict, sizes_per_budget: list[int], wall_minutes: float) -
       '4b_holdout_n_opt': {'value': hold['n_opt_factor'], 'max': 1.6,
                            'pass': bool(hold['n_opt_factor'] <= 1.6)},
   }
+
+
+def reference(workdir: str, result: dict) -> dict:
+  """The one-run-per-point study in `workdir` (scaling.reference) beside this one: its total
+  training FLOPs (runs.csv) and Approach-2 exponent with its interval (fits.json)."""
+  if not workdir:
+    return {}
+  try:
+    with open(os.path.join(workdir, 'fits.json')) as f:
+      fitted = json.load(f)
+    with open(os.path.join(workdir, 'runs.csv'), newline='') as f:
+      flops = sum(float(r['flops']) for r in csv.DictReader(f) if r['state'] == 'finished')
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f'scaling.reference={workdir!r} holds no finished scaling study (fits.json and '
+                    f'runs.csv: {e}); run one there first, or set scaling.reference=""') from None
+  a = fitted['approach2']['a']
+  return {'workdir': workdir, 'flops': flops, 'a': a,
+          'interval90': fitted['bootstrap']['a']['interval'],
+          'a_difference': abs(result['approach2']['a'] - a),
+          'flops_ratio': result['compute']['wsd_flops'] / flops}
+
+
+def wsd_acceptance(result: dict, wall_minutes: float) -> dict:
+  """A WSD study's criteria: within 0.1 of the reference's exponent, on <= 50% of its FLOPs, in an hour."""
+  ref = result.get('reference') or {}
+  out = {'5_wsd_wall_minutes': {'value': wall_minutes, 'max': 60, 'pass': wall_minutes <= 60}}
+  if ref:
+    out['5_wsd_vs_reference_a'] = {'value': ref['a_difference'], 'a': result['approach2']['a'],
+                                   'interval90': result['bootstrap']['a']['interval'],
+                                   'reference_a': ref['a'], 'reference_interval90': ref['interval90'],
+                                   'max': 0.1, 'pass': ref['a_difference'] <= 0.1}
+    out['5_wsd_flops_ratio'] = {'value': ref['flops_ratio'], 'wsd_flops': result['compute']['wsd_flops'],
+                                'reference_flops': ref['flops'], 'max': 0.5,
+                                'pass': ref['flops_ratio'] <= 0.5}
+  return out
 
 
 def isoflop_rows(approach2: dict) -> list[dict]:

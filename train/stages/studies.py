@@ -100,6 +100,33 @@ def sweep_stage(cfg: ConfigDict, workdir: str) -> None:
 
 # ---- scaling ----------------------------------------------------------------------------------
 
+def wsd_trials(cfg: ConfigDict, workdir: str, base: dict, stables: list, cooldowns: list
+               ) -> tuple[list[dict] | None, dict[str, str]]:
+  """Run the stable runs, then every cooldown branched off its stable run's checkpoint; returns the
+  merged rows and each run's folder (the stable runs' too: a cooldown's curve begins in its stable
+  run), or None for the rows while the stable runs are unfinished (launcher=emit)."""
+  from experiments.studies import scaling  # scipy: loaded on use
+  stable_trials = sweep.make_trials([{**base, **r.overrides()} for r in stables], [r.name for r in stables])
+  dirs = {t.name: sweep.trial_dir(workdir, t) for t in stable_trials}
+  flops = scaling.compute_summary(stables, cooldowns)
+  print(f'scaling (wsd): {len(stables)} stable runs and {len(cooldowns)} cooldowns over '
+        f'{len(cfg.scaling.budgets)} budgets; {flops["wsd_flops"]:.3g} FLOPs against '
+        f'{flops["one_run_per_point_flops"]:.3g} for the same points one run each '
+        f'({flops["ratio"]:.0%})', flush=True)
+  stable_rows = run_trials(cfg, workdir, stable_trials)
+  if any(r['state'] != 'finished' for r in stable_rows):
+    report_failures(stable_rows, workdir)
+    print('scaling (wsd): the stable runs are not finished; rerun this command once they are, to '
+          'run the cooldowns', flush=True)
+    return None, dirs
+  cooldown_trials = sweep.make_trials(
+      [{**base, **r.overrides(), 'train.branch_from': f'{dirs[r.stable]}:{r.branch_step}'}
+       for r in cooldowns], [r.name for r in cooldowns])
+  dirs.update({t.name: sweep.trial_dir(workdir, t) for t in cooldown_trials})
+  rows = run_trials(cfg, workdir, cooldown_trials)
+  return scaling.merge_results([*stables, *cooldowns], stable_rows + rows), dirs
+
+
 def corpus_facts(cfg: ConfigDict) -> tuple[dict, int]:
   """The corpus checksum (sha256 over every train and eval document) and the tokenizer's vocabulary."""
   source = load_source(cfg.data)
@@ -143,21 +170,35 @@ def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   corpus, vocab_size = corpus_facts(cfg)
   write_manifest(workdir, cfg, corpus)
-  planned = scaling.plan(cfg, vocab_size)
   experiment = load_experiment(cfg.sweep.experiment)
   base = {'stage': 'pretrain', **inherited_overrides(cfg, experiment.get_config())}
-  trials = sweep.make_trials([{**base, **p.overrides()} for p in planned], [p.name for p in planned])
-  print(f'scaling: {len(planned)} runs planned over {len(cfg.scaling.budgets)} budgets; largest D = '
-        f'{max(p.tokens for p in planned) / corpus["train_chars"]:.2f}× the train split (in characters)',
-        flush=True)
-  rows = scaling.merge_results(planned, run_trials(cfg, workdir, trials))
+  if cfg.scaling.design == 'wsd':
+    stables, planned = scaling.plan_wsd(cfg, vocab_size)
+    rows, dirs = wsd_trials(cfg, workdir, base, stables, planned)
+    if rows is None:
+      return
+  elif cfg.scaling.design == 'isoflop':
+    stables, planned = [], scaling.plan(cfg, vocab_size)
+    trials = sweep.make_trials([{**base, **p.overrides()} for p in planned], [p.name for p in planned])
+    print(f'scaling: {len(planned)} runs planned over {len(cfg.scaling.budgets)} budgets; largest D = '
+          f'{max(p.tokens for p in planned) / corpus["train_chars"]:.2f}× the train split (in '
+          'characters)', flush=True)
+    rows = scaling.merge_results(planned, run_trials(cfg, workdir, trials))
+    dirs = {t.name: sweep.trial_dir(workdir, t) for t in trials}
+  else:
+    raise UserError(f'scaling.design={cfg.scaling.design!r} is not one of isoflop, wsd')
   sweep.write_csv(rows, os.path.join(workdir, 'runs.csv'))
-  curves = scaling.train_curves(rows, {t.name: sweep.trial_dir(workdir, t) for t in trials})
+  curves = scaling.train_curves(rows, dirs)
   result, draws = scaling.analyze(rows, curves, cfg.scaling, cfg.seed)
+  if stables:
+    result['compute'] = scaling.compute_summary(stables, planned)
+    result['reference'] = scaling.reference(cfg.scaling.reference, result)
   budgets = sorted({p.budget for p in planned})
   sizes = [sum(p.role == 'isoflop' and p.budget == c for p in planned) for c in budgets]
   minutes = write_manifest(workdir, cfg, corpus, (time.time() - started) / 60)  # all invocations
   result['acceptance'] = scaling.acceptance(result, sizes, minutes)
+  if stables:
+    result['acceptance'].update(scaling.wsd_acceptance(result, minutes))
   sweep.write_csv(scaling.isoflop_rows(result['approach2']), os.path.join(workdir, 'isoflop.csv'))
   write_summary(workdir, 'fits.json', scaling.jsonable(result), indent=1, allow_nan=False)
   plots.scaling_plots(workdir, scaling.runs_for(rows, 'n_flops', cfg.scaling.metric), result, draws, curves)
