@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                      # model init, dropout and data order
-  c.stage = 'pretrain'            # pretrain | sample | chat | eval | sweep | scaling | sft | reward | ppo | grpo | dpo | tokenize
+  c.stage = 'pretrain'            # pretrain | sample | chat | eval | sweep | scaling | hparams | sft | reward | ppo | grpo | dpo | tokenize
 
   # ---- model ---------------------------------------------------------------------------------
   m = c.model = ConfigDict()
@@ -223,6 +223,18 @@ def get_config() -> ConfigDict:
   g.reference = ''                # wsd: workdir of a finished isoflop study to compare exponent and FLOPs with
   g.bootstrap = 200               # resamples (runs drawn within each budget) for the 90% intervals
   g.metric = 'eval_loss'          # final metric the laws are fitted to, e.g. eval/NAME/bpb (lower = better)
+
+  # ---- lr_opt(C) and B_opt(C) (stage=hparams, DeepSeek LLM 2024); see experiments/studies/hparams.py.
+  # Each budget trains scaling.ladder's model nearest N* (scaling.tokens_per_param) with scaling's lr
+  # rule and warmup_fraction.
+  h = c.hparams = ConfigDict()
+  h.budgets = (4e10, 8e10, 1.6e11, 3.2e11, 6.4e11)  # compute budgets C, FLOPs; each trial spends its C within 1%
+  h.holdout = 1                   # largest budgets left out of the fits and predicted from them
+  h.lr_grid = (0.25, 0.5, 1.0, 2.0, 4.0)  # multipliers of scaling's lr rule at each trial's width and batch
+  h.batch_grid = (2, 4, 8)        # batch sizes tried at every budget, rows of train.seq_len tokens
+  h.min_steps = 200               # fewest optimizer steps a trial may get (shorter runs judge lr badly)
+  h.bootstrap = 200               # resamples (trials drawn within each budget) for the 90% intervals
+  h.metric = 'eval_loss'          # final metric the optima minimise, e.g. eval/NAME/bpb (lower = better)
 
   # ---- inference and interop (stage=chat); see model/pretrained.py ------------------------------
   c.pretrained = ''               # model to load: workdir | FILE.gguf | HF llama folder | package:NAME (stage=eval: the model evaluated)

@@ -92,6 +92,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ('scaling.min_batch', at_least(1)), ('scaling.max_batch', at_least(1)),
     ('scaling.warmup_fraction', UNIT), ('scaling.cooldown_fraction', OPEN_UNIT),
     ('scaling.bootstrap', at_least(1)),
+    ('hparams.holdout', at_least(0)), ('hparams.min_steps', at_least(1)), ('hparams.bootstrap', at_least(1)),
     ('sft.eval_fraction', OPEN_UNIT), ('sft.max_examples', at_least(0)),
     ('sft.eval_generate', at_least(0)), ('sft.max_new_tokens', at_least(1)),
     ('rlhf.pairs', at_least(2)), ('rlhf.eval_pairs', at_least(1)), ('rlhf.prompt_len', at_least(1)),
@@ -127,6 +128,12 @@ RELATIONS: tuple[tuple[str, Callable[[ConfigDict], bool], str], ...] = (
     ('scaling.lr_check', lambda c: all(x in POSITIVE for x in c.scaling.lr_check), 'multipliers > 0'),
     ('checkpoint.at_steps', lambda c: all(isinstance(x, int) and x >= 1 for x in c.checkpoint.at_steps),
      'whole steps >= 1'),
+    ('hparams.budgets', lambda c: len(c.hparams.budgets) >= c.hparams.holdout + 2
+     and all(b in POSITIVE for b in c.hparams.budgets), 'budgets > 0, at least 2 more than hparams.holdout'),
+    ('hparams.lr_grid', lambda c: len(c.hparams.lr_grid) >= 2 and all(x in POSITIVE for x in c.hparams.lr_grid),
+     '>= 2 multipliers > 0'),
+    ('hparams.batch_grid', lambda c: len(c.hparams.batch_grid) >= 2
+     and all(isinstance(b, int) and b >= 1 for b in c.hparams.batch_grid), '>= 2 whole batch sizes >= 1'),
     ('rlhf.eval_pairs', lambda c: c.rlhf.eval_pairs < c.rlhf.pairs, '< rlhf.pairs'),
 )
 

@@ -206,3 +206,61 @@ def scaling_plots(workdir: str, runs: fits.Runs, result: dict, draws: dict[str, 
   bootstrap_histograms(draws, estimates, out('bootstrap.png'))
   if result['lr_check']:
     lr_curves(result['lr_check'], out('lr_check.png'))
+
+
+# ---- hyperparameters vs compute (stage=hparams) -----------------------------------------------
+
+def hparams_vs_compute(result: dict, draws: dict[str, np.ndarray], path: str) -> str:
+  """lr_opt(C) and B_opt(C): each budget's optimum (● from the fitted surface, ○ the best trial's),
+  the power law through the fitted budgets with its 90% bootstrap band, and the held-out optima
+  (red) against their predictions (×)."""
+  from experiments.studies import hparams
+  budgets = np.array([o['budget'] for o in result['optima']])
+  grid = np.geomspace(budgets.min() / 1.5, budgets.max() * 1.5, 60)
+  held = set(result['holdout_budgets'])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, label in ((axes[0], 'lr', 'learning rate'), (axes[1], 'batch', 'batch (rows)')):
+    law = result[f'{key}_opt']['law']
+    lo, hi = hparams.band(draws, key, grid)
+    ax.fill_between(grid, lo, hi, color='C0', alpha=0.2, label='90% bootstrap band')
+    ax.plot(grid, law(grid), 'C0-', label=f'{key}_opt = {law.coef:.3g}·C^{law.exponent:.3f}')
+    for o in result['optima']:
+      color = 'r' if o['budget'] in held else 'C0'
+      fitted = o['method'] == 'surface' or (key == 'lr' and o['method'] == 'surface_lr')
+      ax.plot(o['budget'], o[f'{key}_opt'], 'o', color=color, mfc=color if fitted else 'none')
+    for h in result['holdout']:
+      ax.plot(h['budget'], h[f'predicted_{key}'], 'rx', ms=10,
+              label=f'held out: predicted / observed = {h[f"{key}_ratio"]:.2f}')
+    ax.set(xscale='log', yscale='log', xlabel='C (FLOPs)', ylabel=f'optimal {label}',
+           title=f'{key}_opt vs compute (● fitted surface, ○ best trial)')
+    _legend(ax)
+  return _save(fig, path)
+
+
+def hparams_loss_curves(trials: Any, result: dict, path: str) -> str:
+  """Final loss vs lr, one panel per budget and one line per batch; ★ = best trial, dotted = lr_opt.
+  `trials` is an experiments.studies.hparams.Trials."""
+  cols = min(len(result['optima']), 3)
+  rows = math.ceil(len(result['optima']) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+  batches = np.unique(trials.batch)
+  for ax, o in zip(axes.flat, result['optima']):
+    for b, color in zip(batches, _colors(len(batches))):
+      sel = np.flatnonzero((trials.budget == o['budget']) & (trials.batch == b))
+      sel = sel[np.argsort(trials.lr[sel])]
+      ax.plot(trials.lr[sel], trials.loss[sel], 'o-', color=color, label=f'B = {b:g}')
+    ax.axvline(o['lr_opt'], color='k', ls=':')
+    ax.plot(o['best_lr'], o['best_loss'], 'k*', ms=12)
+    held = ' (held out)' if o['budget'] in result['holdout_budgets'] else ''
+    ax.set(xscale='log', xlabel='learning rate', ylabel=f'final {result["metric"]}',
+           title=f'C = {o["budget"]:.2g}{held}: lr_opt {o["lr_opt"]:.2g}')
+    _legend(ax)
+  for ax in list(axes.flat)[len(result['optima']):]:
+    ax.axis('off')
+  return _save(fig, path)
+
+
+def hparams_plots(workdir: str, trials: Any, result: dict, draws: dict[str, np.ndarray]) -> None:
+  """Both figures of an hparams study, written into `workdir`."""
+  hparams_vs_compute(result, draws, os.path.join(workdir, 'hparams_vs_compute.png'))
+  hparams_loss_curves(trials, result, os.path.join(workdir, 'loss_vs_lr.png'))

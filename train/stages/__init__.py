@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 from train.stages.chat import chat_stage
 from train.stages.dpo import dpo_stage
 from train.stages.eval import eval_stage
+from train.stages.hparams import hparams_stage
 from train.stages.ppo import grpo_stage, ppo_stage
 from train.stages.pretrain import pretrain_stage, sample_stage
 from train.stages.reward import reward_stage
@@ -27,5 +28,6 @@ STAGES: dict[str, Callable[[ConfigDict, str], None]] = {
     'dpo': dpo_stage,
     'sweep': sweep_stage,
     'scaling': scaling_stage,
+    'hparams': hparams_stage,
     'tokenize': tokenize_stage,
 }

@@ -2,7 +2,8 @@
 
 Each trial runs the experiment file `sweep.experiment` with stage=pretrain, the trial's overrides, and
 every override the sweep itself was given on the command line (so `--config.train.steps=50` on the
-sweep shortens every trial), except those of the sweep and scaling sections.
+sweep shortens every trial), except those of the sweep, scaling and hparams sections (the
+`hparams` stage lives in train/stages/hparams.py).
 """
 import hashlib
 import importlib.metadata
@@ -22,7 +23,7 @@ from experiments.studies import sweep
 from model.errors import UserError
 from train.workdir import write_summary
 
-NOT_INHERITED = ('stage', 'sweep.', 'scaling.')  # sweep-level settings trials do not receive
+NOT_INHERITED = ('stage', 'sweep.', 'scaling.', 'hparams.')  # sweep-level settings trials do not receive
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scipy', 'matplotlib', 'ml-collections', 'grain')
 
 
