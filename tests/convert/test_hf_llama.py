@@ -38,7 +38,9 @@ def test_imported_layers_stack_for_a_scanned_fine_tune(tmp_path):
   scanned = dataclasses.replace(lm.config, scan_layers=True)
   assert stacked['blocks']['layers']['block']['attn']['query']['kernel'].shape[0] == 2
   logits = lambda cfg, params: lm.build(cfg).apply({'params': params}, TOKENS)
-  np.testing.assert_allclose(logits(scanned, stacked), logits(lm.config, lm.params), atol=1e-5)
+  # nn.scan compiles the layers as one loop body: f32 rounding differs by ~1e-5 (a layout error
+  # would be O(1))
+  np.testing.assert_allclose(logits(scanned, stacked), logits(lm.config, lm.params), rtol=1e-4, atol=1e-4)
   back = relayout(stacked, scanned, False)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lm.params)):
     np.testing.assert_array_equal(a, b)
