@@ -144,13 +144,10 @@ def split_budgets(h: ConfigDict) -> tuple[list[float], list[float]]:
 def plan_trial(budget: float, cost: scaling.ShapeCost, batch: int, multiplier: float, s: ConfigDict,
                seq_len: int, min_steps: int) -> scaling.PlannedRun:
   """One trial that spends `budget` at `batch` rows and `multiplier` × the lr rule (else a UserError)."""
-  steps = max(round(budget / (cost.flops_per_token * batch * seq_len)), 1)
   name = f'{scaling.run_name(budget, cost.shape)}_b{batch}_lrx{multiplier:g}'
-  lr = scaling.lr_for(cost.shape.d_model, batch, s) * multiplier
-  run = scaling.PlannedRun(name, 'hparams', budget, cost, batch, steps,
-                           max(round(s.warmup_fraction * steps), 1), lr, seq_len)
-  if steps < min_steps or abs(run.flops / budget - 1) > 0.01:
-    raise UserError(f'{name} gets {steps} steps of {batch}x{seq_len} tokens ({run.flops:.3g} of its '
+  run = scaling.sized_run(name, 'hparams', budget, cost, batch, s, seq_len, multiplier)
+  if run.steps < min_steps or abs(run.flops / budget - 1) > 0.01:
+    raise UserError(f'{name} gets {run.steps} steps of {batch}x{seq_len} tokens ({run.flops:.3g} of its '
                     f'{budget:.3g} FLOPs) but needs >= hparams.min_steps={min_steps} within 1% of its '
                     'budget; raise the smallest hparams.budgets or lower the largest hparams.batch_grid')
   return run

@@ -85,10 +85,7 @@ class PlannedRun:
     return (self.steps - self.branch_step) * self.batch_size * self.seq_len * self.cost.flops_per_token
 
   def overrides(self) -> dict:
-    s = self.cost.shape
-    out = {'model.n_layers': s.n_layers, 'model.d_model': s.d_model, 'model.n_heads': s.n_heads,
-           'train.batch_size': self.batch_size, 'train.steps': self.steps,
-           'train.warmup_steps': self.warmup_steps, 'train.lr': self.lr}
+    out = run_overrides(self)
     if self.branch_step:  # train.branch_from names the stable run's folder: the stage adds it
       out.update({'train.schedule': 'wsd', 'train.decay_steps': self.steps - self.branch_step,
                   'train.decay_shape': self.decay_shape})
@@ -96,13 +93,7 @@ class PlannedRun:
 
   def row(self) -> dict:
     """The plan as a CSV row."""
-    s = self.cost.shape
-    return {'name': self.name, 'role': self.role, 'budget': self.budget, 'n_layers': s.n_layers,
-            'd_model': s.d_model, 'n_heads': s.n_heads, 'n_flops': self.cost.n,
-            'params': self.cost.params, 'params_non_embedding': self.cost.params_non_embedding,
-            'batch_size': self.batch_size, 'steps': self.steps, 'warmup_steps': self.warmup_steps,
-            'lr': self.lr, 'tokens': self.tokens, 'flops': self.flops, 'own_flops': self.own_flops,
-            'branch_step': self.branch_step, 'stable': self.stable}
+    return run_row(self, self.role, self.budget, self.flops, self.branch_step, self.stable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,25 +113,40 @@ class StableRun:
     return max(self.branch_steps)
 
   @property
+  def tokens(self) -> int:
+    return self.steps * self.batch_size * self.seq_len
+
+  @property
   def own_flops(self) -> float:
-    return self.steps * self.batch_size * self.seq_len * self.cost.flops_per_token
+    return self.tokens * self.cost.flops_per_token
 
   def overrides(self) -> dict:
-    s = self.cost.shape
-    return {'model.n_layers': s.n_layers, 'model.d_model': s.d_model, 'model.n_heads': s.n_heads,
-            'train.batch_size': self.batch_size, 'train.steps': self.steps,
-            'train.warmup_steps': self.warmup_steps, 'train.lr': self.lr,
-            'train.schedule': 'constant', 'eval.every_steps': 0, 'checkpoint.every_steps': 0,
-            'checkpoint.at_steps': self.branch_steps, 'checkpoint.keep': len(self.branch_steps)}
+    return {**run_overrides(self), 'train.schedule': 'constant', 'eval.every_steps': 0,
+            'checkpoint.every_steps': 0, 'checkpoint.at_steps': self.branch_steps,
+            'checkpoint.keep': len(self.branch_steps)}
 
   def row(self) -> dict:
-    s = self.cost.shape
-    return {'name': self.name, 'role': 'stable', 'budget': '', 'n_layers': s.n_layers,
-            'd_model': s.d_model, 'n_heads': s.n_heads, 'n_flops': self.cost.n,
-            'params': self.cost.params, 'params_non_embedding': self.cost.params_non_embedding,
-            'batch_size': self.batch_size, 'steps': self.steps, 'warmup_steps': self.warmup_steps,
-            'lr': self.lr, 'tokens': self.steps * self.batch_size * self.seq_len,
-            'flops': self.own_flops, 'own_flops': self.own_flops, 'branch_step': '', 'stable': ''}
+    return run_row(self, 'stable', '', self.own_flops, '', '')
+
+
+def run_overrides(run: PlannedRun | StableRun) -> dict:
+  """The model shape and training settings every planned run gives its trial."""
+  s = run.cost.shape
+  return {'model.n_layers': s.n_layers, 'model.d_model': s.d_model, 'model.n_heads': s.n_heads,
+          'train.batch_size': run.batch_size, 'train.steps': run.steps,
+          'train.warmup_steps': run.warmup_steps, 'train.lr': run.lr}
+
+
+def run_row(run: PlannedRun | StableRun, role: str, budget: float | str, flops: float,
+            branch_step: int | str, stable: str) -> dict:
+  """A planned run as a CSV row (runs.csv); a stable run leaves budget and branch cells empty."""
+  s = run.cost.shape
+  return {'name': run.name, 'role': role, 'budget': budget, 'n_layers': s.n_layers,
+          'd_model': s.d_model, 'n_heads': s.n_heads, 'n_flops': run.cost.n,
+          'params': run.cost.params, 'params_non_embedding': run.cost.params_non_embedding,
+          'batch_size': run.batch_size, 'steps': run.steps, 'warmup_steps': run.warmup_steps,
+          'lr': run.lr, 'tokens': run.tokens, 'flops': flops, 'own_flops': run.own_flops,
+          'branch_step': branch_step, 'stable': stable}
 
 
 def parse_ladder(spec: str, head_dim: int) -> list[Shape]:
@@ -202,19 +208,26 @@ def run_name(budget: float, shape: Shape, lr_multiplier: float = 1.0) -> str:
   return name if lr_multiplier == 1.0 else f'{name}_lrx{lr_multiplier:g}'
 
 
+def sized_run(name: str, role: str, budget: float, cost: ShapeCost, batch: int, s: ConfigDict,
+              seq_len: int, lr_multiplier: float = 1.0) -> PlannedRun:
+  """The run that spends `budget` in whole steps of `batch` rows: warmup a `warmup_fraction` of
+  them, lr the rule's at this width and batch times `lr_multiplier`. Unchecked: callers say what
+  to fix when the steps round too far from the budget."""
+  steps = max(round(budget / (cost.flops_per_token * batch * seq_len)), 1)
+  return PlannedRun(name, role, budget, cost, batch, steps, max(round(s.warmup_fraction * steps), 1),
+                    lr_for(cost.shape.d_model, batch, s) * lr_multiplier, seq_len)
+
+
 def plan_run(budget: float, cost: ShapeCost, s: ConfigDict, seq_len: int, role: str = 'isoflop',
              lr_multiplier: float = 1.0, batch: int = 0) -> PlannedRun:
   """Steps and batch (the batch rule's unless given) that spend `budget` within 1% (else a
   UserError naming the fix)."""
-  tokens = budget / cost.flops_per_token
-  batch, steps = (batch, max(round(tokens / (batch * seq_len)), 1)) if batch else \
-      batch_and_steps(tokens, seq_len, s)
-  lr = lr_for(cost.shape.d_model, batch, s) * lr_multiplier
-  run = PlannedRun(run_name(budget, cost.shape, lr_multiplier), role, budget, cost, batch, steps,
-                   max(round(s.warmup_fraction * steps), 1), lr, seq_len)
+  batch = batch or batch_and_steps(budget / cost.flops_per_token, seq_len, s)[0]
+  run = sized_run(run_name(budget, cost.shape, lr_multiplier), role, budget, cost, batch, s, seq_len,
+                  lr_multiplier)
   if abs(run.flops / budget - 1) > 0.01:
     raise UserError(f'{run.name} can only spend {run.flops:.3g} FLOPs of its {budget:.3g} budget '
-                    f'({steps} steps of {batch}x{seq_len} tokens); raise the budget or lower '
+                    f'({run.steps} steps of {batch}x{seq_len} tokens); raise the budget or lower '
                     'scaling.min_batch')
   return run
 

@@ -7,8 +7,8 @@ import time
 from ml_collections import ConfigDict
 
 from experiments.studies import sweep
-from train.stages.studies import (corpus_facts, inherited_overrides, load_experiment, report_failures,
-                                  run_trials, write_manifest)
+from train.stages.studies import (corpus_facts, load_experiment, print_acceptance, report_failures,
+                                  run_trials, trial_base, write_manifest)
 from train.workdir import write_summary
 
 
@@ -20,8 +20,7 @@ def hparams_stage(cfg: ConfigDict, workdir: str) -> None:
   corpus, vocab_size = corpus_facts(cfg)
   write_manifest(workdir, cfg, corpus)
   planned = hparams.plan(cfg, vocab_size)
-  defaults = load_experiment(cfg.sweep.experiment).get_config()
-  shared = {'stage': 'pretrain', **inherited_overrides(cfg, defaults)}
+  shared = trial_base(cfg, load_experiment(cfg.sweep.experiment))
   trials = sweep.make_trials([{**shared, **p.overrides()} for p in planned], [p.name for p in planned])
   print(f'hparams: {len(trials)} trials over {len(cfg.hparams.budgets)} budgets '
         f'({cfg.hparams.holdout} held out), {sum(p.flops for p in planned):.3g} FLOPs in all', flush=True)
@@ -32,6 +31,5 @@ def hparams_stage(cfg: ConfigDict, workdir: str) -> None:
   result['acceptance'] = hparams.acceptance(result)
   write_summary(workdir, 'hparams.json', scaling.jsonable(result), indent=1, allow_nan=False)
   plots.hparams_plots(workdir, hparams.finished(rows, cfg.hparams.metric), result, draws)
-  for name, check in result['acceptance'].items():
-    print(f'acceptance {name}: {"PASS" if check["pass"] else "FAIL"} ({check.get("value", "")})', flush=True)
+  print_acceptance(result['acceptance'])
   report_failures(rows, workdir)

@@ -56,6 +56,18 @@ def inherited_overrides(cfg: ConfigDict, experiment_cfg: ConfigDict) -> dict[str
           if base.get(k) != v and not any(k == p or k.startswith(p) for p in NOT_INHERITED)}
 
 
+def trial_base(cfg: ConfigDict, experiment: ModuleType) -> dict[str, Any]:
+  """What every trial of this sweep gets before its own overrides: stage=pretrain, and this run's
+  command-line overrides of the experiment file."""
+  return {'stage': 'pretrain', **inherited_overrides(cfg, experiment.get_config())}
+
+
+def print_acceptance(acceptance: dict[str, dict]) -> None:
+  for name, check in acceptance.items():
+    value = check.get('value', check.get('budgets', ''))
+    print(f'acceptance {name}: {"PASS" if check["pass"] else "FAIL"} ({value})', flush=True)
+
+
 def run_trials(cfg: ConfigDict, workdir: str, trials: list[sweep.Trial]) -> list[dict]:
   """Run (or, for launcher=emit, write cluster scripts for) the unfinished trials; gather all."""
   w = cfg.sweep
@@ -85,7 +97,7 @@ def sweep_stage(cfg: ConfigDict, workdir: str) -> None:
   if not callable(define):
     raise UserError(f'{cfg.sweep.experiment} has no function {cfg.sweep.trials}(config) returning the '
                     'trials\' overrides; define it or set sweep.trials')
-  base = {'stage': 'pretrain', **inherited_overrides(cfg, module.get_config())}
+  base = trial_base(cfg, module)
   overrides = define(cfg)
   trials = sweep.make_trials([{**base, **o} for o in overrides], [sweep.trial_name(o) for o in overrides])
   rows = run_trials(cfg, workdir, trials)
@@ -101,15 +113,15 @@ def sweep_stage(cfg: ConfigDict, workdir: str) -> None:
 
 # ---- scaling ----------------------------------------------------------------------------------
 
-def wsd_trials(cfg: ConfigDict, workdir: str, base: dict, stables: list, cooldowns: list
-               ) -> tuple[list[dict] | None, dict[str, str]]:
+def wsd_trials(cfg: ConfigDict, workdir: str, base: dict, stables: list, cooldowns: list,
+               flops: dict[str, float]) -> tuple[list[dict] | None, dict[str, str]]:
   """Run the stable runs, then every cooldown branched off its stable run's checkpoint; returns the
   merged rows and each run's folder (the stable runs' too: a cooldown's curve begins in its stable
-  run), or None for the rows while the stable runs are unfinished (launcher=emit)."""
+  run), or None for the rows while the stable runs are unfinished (launcher=emit). `flops` is
+  scaling.compute_summary's, printed first."""
   from experiments.studies import scaling  # scipy: loaded on use
   stable_trials = sweep.make_trials([{**base, **r.overrides()} for r in stables], [r.name for r in stables])
   dirs = {t.name: sweep.trial_dir(workdir, t) for t in stable_trials}
-  flops = scaling.compute_summary(stables, cooldowns)
   print(f'scaling (wsd): {len(stables)} stable runs and {len(cooldowns)} cooldowns over '
         f'{len(cfg.scaling.budgets)} budgets; {flops["wsd_flops"]:.3g} FLOPs against '
         f'{flops["one_run_per_point_flops"]:.3g} for the same points one run each '
@@ -171,11 +183,11 @@ def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   corpus, vocab_size = corpus_facts(cfg)
   write_manifest(workdir, cfg, corpus)
-  experiment = load_experiment(cfg.sweep.experiment)
-  base = {'stage': 'pretrain', **inherited_overrides(cfg, experiment.get_config())}
+  base = trial_base(cfg, load_experiment(cfg.sweep.experiment))
   if cfg.scaling.design == 'wsd':
     stables, planned = scaling.plan_wsd(cfg, vocab_size)
-    rows, dirs = wsd_trials(cfg, workdir, base, stables, planned)
+    compute = scaling.compute_summary(stables, planned)
+    rows, dirs = wsd_trials(cfg, workdir, base, stables, planned, compute)
     if rows is None:
       return
   elif cfg.scaling.design == 'isoflop':
@@ -192,7 +204,7 @@ def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   curves = scaling.train_curves(rows, dirs)
   result, draws = scaling.analyze(rows, curves, cfg.scaling, cfg.seed)
   if stables:
-    result['compute'] = scaling.compute_summary(stables, planned)
+    result['compute'] = compute
     result['reference'] = scaling.reference(cfg.scaling.reference, result)
   budgets = sorted({p.budget for p in planned})
   sizes = [sum(p.role == 'isoflop' and p.budget == c for p in planned) for c in budgets]
@@ -203,7 +215,5 @@ def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   sweep.write_csv(scaling.isoflop_rows(result['approach2']), os.path.join(workdir, 'isoflop.csv'))
   write_summary(workdir, 'fits.json', scaling.jsonable(result), indent=1, allow_nan=False)
   plots.scaling_plots(workdir, scaling.runs_for(rows, 'n_flops', cfg.scaling.metric), result, draws, curves)
-  for name, check in result['acceptance'].items():
-    value = check.get('value', check.get('budgets'))
-    print(f'acceptance {name}: {"PASS" if check["pass"] else "FAIL"} ({value})', flush=True)
+  print_acceptance(result['acceptance'])
   report_failures(rows, workdir)
