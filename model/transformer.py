@@ -234,15 +234,16 @@ class Decoder(nn.Module):
     return self.logits(x), cache.replace(layers=layers, index=cache.index + t)
 
   def logits(self, x: Array) -> Array:
-    """Output layer in f32: tied to the token embedding or a separate head; divided by µP's
-    width multiplier (1 under SP), then soft-capped when model.logit_softcap > 0."""
+    """Output layer in f32: tied to the token embedding or a separate head; scaled by µP's
+    output multiplier over its width multiplier (1 under SP), then soft-capped when
+    model.logit_softcap > 0."""
     if self.cfg.tie_embeddings:
       table = self.embed.embedding.astype(x.dtype)
       out = jnp.einsum('btd,vd->btv', x, table, preferred_element_type=jnp.float32)
     else:
       out = self.lm_head(x).astype(jnp.float32)
-    if self.cfg.width_mult != 1.0:  # µP's readout multiplier: logits stay O(1) as width grows
-      out = out / self.cfg.width_mult
+    if self.cfg.logit_mult != 1.0:  # µP's readout multiplier: logits stay O(1) as width grows
+      out = out * self.cfg.logit_mult
     out = softcap(out, self.cfg.logit_softcap)
     return nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_vocab'))
 

@@ -73,7 +73,7 @@ def check_exportable(cfg: ModelConfig) -> None:
   """Only the llama recipe has a LlamaForCausalLM twin."""
   want = dict(family='decoder', pos_encoding='rope', norm='rmsnorm', norm_position='pre',
               mlp='swiglu', use_bias=False, qk_norm=False, attn_softcap=0.0, logit_softcap=0.0,
-              width_mult=1.0)
+              width_mult=1.0, logit_mult=1.0)
   for field, value in want.items():
     if getattr(cfg, field) != value:
       raise UserError(f'model.{field}={getattr(cfg, field)!r} has no Hugging Face llama '

@@ -4,6 +4,9 @@ import jax
 import numpy as np
 import pytest
 
+from model.config import model_config
+from model.errors import UserError
+
 from train.loop import init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.objectives import causal_lm_loss
@@ -14,9 +17,11 @@ WIDTHS = (32, 96, 256)  # 8x
 BATCHES = [random_batch(np.random.default_rng(i), 8, 16, VOCAB) for i in range(5)]
 
 
-def trainer_for(width: int, parameterization: str, base: int = 32, lr: float = 3e-3):
+def trainer_for(width: int, parameterization: str, base: int = 32, lr: float = 3e-3,
+                output_mult: float = 1.0):
   c = tiny_config(d_model=width, n_heads=width // 8, n_kv_heads=width // 8, d_ff=2 * width,
-                  parameterization=parameterization, mup_base_width=base)
+                  parameterization=parameterization, mup_base_width=base,
+                  mup_output_mult=output_mult)
   c.train.lr, c.train.warmup_steps = lr, 0
   return init_trainer(c, VOCAB, devices=jax.devices()[:1])
 
@@ -71,3 +76,12 @@ def test_mup_scales_hidden_init_and_updates_and_the_logits_by_the_width_multipli
   assert up(step['mup']) == pytest.approx(up(step['sp']) / 4, rel=1e-6)
   e = lambda u: np.asarray(u['embed']['embedding'])
   np.testing.assert_array_equal(e(step['mup']), e(step['sp']))
+
+
+def test_mup_output_mult_multiplies_the_logits_and_is_mup_only():
+  sp, mup = trainer_for(64, 'sp'), trainer_for(64, 'mup', base=16, output_mult=3.0)  # 3 / 4
+  x = BATCHES[0]['inputs']
+  logits = lambda t: t.model.apply({'params': sp.state.params}, x)
+  np.testing.assert_allclose(logits(mup), logits(sp) * 0.75, rtol=1e-5, atol=1e-7)
+  with pytest.raises(UserError, match='mup_output_mult=2.0 needs model.parameterization=mup'):
+    model_config(tiny_config(mup_output_mult=2.0).model, VOCAB, 16)
