@@ -3,9 +3,11 @@
   python run.py --config=experiments/mup_transfer.py --workdir=runs/mup --config.sweep.parallel=2
 
 Under SP (GPT-2's fixed init, one Adam learning rate) the best learning rate falls as the model
-widens; under µP (model.parameterization=mup, base width 64: the 64-wide run is SP's exactly) it
-stays put, so a rate tuned on the small model holds for the wide one. Heads keep head_dim 16 and
-grow with the width. Trials are lr_sweep.py's byte-level stdlib runs; DIR gets results.csv and
+widens; under µP (model.parameterization=mup, base width 64) it stays put, so a rate tuned on the
+small model holds for the wide one. µP's output multiplier is 4, tuned at the base width like the
+lr (1, 2, 4 and 8 at lr 2^-10..2^-7: 4 was best); with 1 the 64-wide µP run is SP's exactly, and
+µP's wider models inherit that too-slow readout and gain nothing from their width. Heads keep
+head_dim 16 and grow with the width. Trials are lr_sweep.py's byte-level stdlib runs; DIR gets results.csv and
 results.png (final eval loss vs lr, a panel per parameterization, a line per width).
 """
 from ml_collections import ConfigDict
@@ -14,6 +16,7 @@ from experiments import lr_sweep
 from experiments.studies import sweep
 
 WIDTHS = (64, 128, 256)
+OUTPUT_MULT = 4.0  # µP's, tuned at WIDTHS[0]
 
 
 def get_config() -> ConfigDict:
@@ -30,4 +33,6 @@ def trials(c: ConfigDict) -> list[dict]:
                      'train.lr': tuple(2.0 ** -k for k in range(13, 4, -1))})
   for row in rows:
     row['model.n_heads'] = row['model.d_model'] // 16
+    if row['model.parameterization'] == 'mup':
+      row['model.mup_output_mult'] = OUTPUT_MULT
   return rows

@@ -134,7 +134,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
   assert len(saved) == 1 and 0 < saved[0] < 400
   result = run(work, *flags)
   assert result.returncode == 0, result.stderr
-  assert f'resumed from' in result.stdout and max(losses(work)) == 400
+  assert 'resumed from' in result.stdout and max(losses(work)) == 400
 
 
 def test_architecture_override_of_a_pretrained_base_is_an_error(tmp_path):
