@@ -55,6 +55,7 @@ def get_config() -> ConfigDict:
                                   #   scale with d_model / mup_base_width; the base width's run is SP's)
   m.mup_base_width = 0            # mup: the width whose tuned hyperparameters transfer (0 = d_model)
   m.mup_output_mult = 1.0         # mup: the logits' multiplier, tuned at the base width like the lr
+  m.mup_init_mult = 1.0           # mup: the layers' projection init std multiplier, tuned there too
   m.qk_norm = False               # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Gemma 3)
   m.attn_softcap = 0.0            # > 0: attention logits become c·tanh(logits / c) (Gemma 2: 50; einsum, splash)
   m.logit_softcap = 0.0           # > 0: output logits become c·tanh(logits / c) (Gemma 2: 30)

@@ -1,5 +1,6 @@
 """The model's typed view of `config.model`: resolved defaults and shape checks in one place."""
 import dataclasses
+import math
 
 import jax.numpy as jnp
 from ml_collections import ConfigDict
@@ -58,6 +59,7 @@ class ModelConfig:
   parameterization: str = 'sp'           # sp | mup (µP: init, Adam lr and logits scale by width)
   mup_base_width: int = 0                # mup: the d_model whose hyperparameters transfer (0 = d_model)
   mup_output_mult: float = 1.0           # mup: the logits' multiplier at the base width (tuned there)
+  mup_init_mult: float = 1.0             # mup: the projections' init std multiplier (tuned there)
   qk_norm: bool = False                  # RMSNorm of each head's queries and keys (before RoPE)
   attn_softcap: float = 0.0              # > 0: attention logits -> c·tanh(logits / c)
   logit_softcap: float = 0.0             # > 0: output logits -> c·tanh(logits / c)
@@ -82,6 +84,14 @@ class ModelConfig:
     if self.parameterization != 'mup':
       return 1.0
     return self.d_model / (self.mup_base_width or self.d_model)
+
+  @property
+  def init_scale(self) -> float:
+    """What the layers' projection init stds (GPT-2's 0.02, 0.02/√(2L)) are multiplied by: µP's
+    init multiplier, tuned at the base width, over √width_mult (variance ∝ 1/fan-in); 1 under SP."""
+    if self.parameterization != 'mup':
+      return 1.0
+    return self.mup_init_mult / math.sqrt(self.width_mult)
 
   @property
   def logit_mult(self) -> float:
@@ -136,9 +146,10 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
                     f'(the {m.attention} kernels take no soft-cap); set one or the other')
   if m.attention == 'splash':
     check_splash_fields(m, seq_len)
-  if m.mup_output_mult != 1 and m.parameterization != 'mup':
-    raise UserError(f'model.mup_output_mult={m.mup_output_mult} needs model.parameterization=mup; '
-                    'set parameterization=mup or leave the multiplier at 1')
+  for field in ('mup_output_mult', 'mup_init_mult'):
+    if m[field] != 1 and m.parameterization != 'mup':
+      raise UserError(f'model.{field}={m[field]} needs model.parameterization=mup; set '
+                      'parameterization=mup or leave the multiplier at 1')
   # Every family's context is the row: an encoder-decoder's decoder reads [BOS] + seq_len - 1 target
   # tokens and emits seq_len (target + EOS); generate never feeds the last one, so they fit.
   max_len = m.max_len or seq_len
@@ -160,7 +171,7 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
       n_decoder_layers=m.n_decoder_layers, relative_buckets=m.relative_buckets,
       relative_max_distance=m.relative_max_distance, qk_norm=m.qk_norm,
       parameterization=m.parameterization, mup_base_width=m.mup_base_width,
-      mup_output_mult=float(m.mup_output_mult),
+      mup_output_mult=float(m.mup_output_mult), mup_init_mult=float(m.mup_init_mult),
       attn_softcap=float(m.attn_softcap), logit_softcap=float(m.logit_softcap))
 
 

@@ -114,11 +114,11 @@ def linear(cfg: ModelConfig, features: tuple[int, ...], axes: tuple[str, ...], *
   """A projection of the model with the config's dtypes and bias, and a LoRA adapter when `name`
   (query, key, value, out, gate, up, down) is one of `cfg.lora_targets`.
 
-  Every such projection maps a width to a width, so under µP its init std shrinks by
-  1/sqrt(width_mult) (variance ∝ 1/fan-in); its Adam learning rate by 1/width_mult is
-  train/state.py's."""
+  Every such projection maps a width to a width, so under µP its init std is scaled by
+  cfg.init_scale (1/sqrt(width_mult): variance ∝ 1/fan-in, times the base width's tuned
+  multiplier); its Adam learning rate by 1/width_mult is train/state.py's."""
   rank = cfg.lora_rank if name in cfg.lora_targets else 0
-  stddev = kw.pop('stddev', 0.02) / math.sqrt(cfg.width_mult)
+  stddev = kw.pop('stddev', 0.02) * cfg.init_scale
   return Linear(features, axes, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                 param_dtype=cfg.weight_dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha, name=name,
                 stddev=stddev, **kw)

@@ -74,7 +74,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ('model.n_experts', at_least(0)), ('model.top_k', at_least(1)),
     ('model.capacity_factor', at_least(0)), ('model.balance_loss', at_least(0)),
     ('model.router_z_loss', at_least(0)), ('model.mup_base_width', at_least(0)),
-    ('model.mup_output_mult', POSITIVE),
+    ('model.mup_output_mult', POSITIVE), ('model.mup_init_mult', POSITIVE),
     ('metrics.stats_every', at_least(0)), ('profile.start_step', at_least(0)),
     ('profile.steps', at_least(1)), ('profile.top_ops', at_least(1)),
     ('eval.every_steps', at_least(0)), ('eval.max_batches', at_least(0)),

@@ -59,7 +59,8 @@ def sweep_curves(rows: list[dict[str, Any]], x: str, path: str, metric: str = 'e
             (float(r[x]), float(r[metric])))
     for (key, points), color in zip(sorted(groups.items(), key=str), _colors(len(groups))):
       xs, ys = np.array(sorted(points)).T
-      label = ', '.join(f'{k.rsplit(".", 1)[-1]}={v}' for k, v in key) or metric
+      label = ', '.join(f'{k.rsplit(".", 1)[-1]}={v}' for k, v in key
+                        if v not in (None, '')) or metric  # unset in this panel's trials
       ax.plot(xs, ys, 'o-', color=color, label=label)
       ax.plot(xs[np.argmin(ys)], ys.min(), '*', color=color, ms=14)
     title = f'{metric} vs {x} (★ = best)' + (f': {panels.rsplit(".", 1)[-1]}={value}' if panels else '')

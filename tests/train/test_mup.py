@@ -18,10 +18,10 @@ BATCHES = [random_batch(np.random.default_rng(i), 8, 16, VOCAB) for i in range(5
 
 
 def trainer_for(width: int, parameterization: str, base: int = 32, lr: float = 3e-3,
-                output_mult: float = 1.0):
+                output_mult: float = 1.0, init_mult: float = 1.0):
   c = tiny_config(d_model=width, n_heads=width // 8, n_kv_heads=width // 8, d_ff=2 * width,
                   parameterization=parameterization, mup_base_width=base,
-                  mup_output_mult=output_mult)
+                  mup_output_mult=output_mult, mup_init_mult=init_mult)
   c.train.lr, c.train.warmup_steps = lr, 0
   return init_trainer(c, VOCAB, devices=jax.devices()[:1])
 
@@ -78,10 +78,15 @@ def test_mup_scales_hidden_init_and_updates_and_the_logits_by_the_width_multipli
   np.testing.assert_array_equal(e(step['mup']), e(step['sp']))
 
 
-def test_mup_output_mult_multiplies_the_logits_and_is_mup_only():
-  sp, mup = trainer_for(64, 'sp'), trainer_for(64, 'mup', base=16, output_mult=3.0)  # 3 / 4
+def test_mup_base_width_multipliers_scale_the_logits_and_the_projection_init_and_are_mup_only():
+  sp = trainer_for(64, 'sp')
+  mup = trainer_for(64, 'mup', base=16, output_mult=3.0, init_mult=3.0)  # each / width_mult 4
   x = BATCHES[0]['inputs']
   logits = lambda t: t.model.apply({'params': sp.state.params}, x)
   np.testing.assert_allclose(logits(mup), logits(sp) * 0.75, rtol=1e-5, atol=1e-7)
-  with pytest.raises(UserError, match='mup_output_mult=2.0 needs model.parameterization=mup'):
-    model_config(tiny_config(mup_output_mult=2.0).model, VOCAB, 16)
+  for path in (('attn', 'query'), ('attn', 'out'), ('mlp', 'down')):  # 0.02 and 0.02/√(2L) alike
+    kernel = lambda t: np.asarray(t.state.params['blocks']['layers_0'][path[0]][path[1]]['kernel'])
+    assert kernel(mup).std() == pytest.approx(kernel(sp).std() * 1.5, rel=0.05), path
+  for field in ('mup_output_mult', 'mup_init_mult'):
+    with pytest.raises(UserError, match=f'{field}=2.0 needs model.parameterization=mup'):
+      model_config(tiny_config(**{field: 2.0}).model, VOCAB, 16)
