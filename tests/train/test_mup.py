@@ -87,6 +87,8 @@ def test_mup_base_width_multipliers_scale_the_logits_and_the_projection_init_and
   for path in (('attn', 'query'), ('attn', 'out'), ('mlp', 'down')):  # 0.02 and 0.02/√(2L) alike
     kernel = lambda t: np.asarray(t.state.params['blocks']['layers_0'][path[0]][path[1]]['kernel'])
     assert kernel(mup).std() == pytest.approx(kernel(sp).std() * 1.5, rel=0.05), path
+  with pytest.raises(UserError, match='experts of model.mlp=moe are not covered'):
+    model_config(tiny_config(parameterization='mup', mlp='moe', n_experts=4).model, VOCAB, 16)
   for field in ('mup_output_mult', 'mup_init_mult'):
     with pytest.raises(UserError, match=f'{field}=2.0 needs model.parameterization=mup'):
       model_config(tiny_config(**{field: 2.0}).model, VOCAB, 16)
