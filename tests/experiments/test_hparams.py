@@ -31,7 +31,7 @@ def test_cpu_plan_spends_every_budget_with_enough_steps():
   h = c.hparams
   assert len(runs) == len(budgets) * len(h.lr_grid) * len(h.batch_grid) and len(budgets) >= 5
   assert hparams.split_budgets(h) == (budgets[:-1], budgets[-1:])  # the largest is held out
-  assert sum(r.flops for r in runs) <= 2.1e13  # about 20 minutes on 2 cores
+  assert sum(r.flops for r in runs) <= 2.5e13  # about 25 minutes on 2 cores
   for r in runs:
     assert re.fullmatch(r'C[0-9.e]+_\d+x\d+_b\d+_lrx[0-9.]+', r.name), r.name
     trial = with_overrides(c, r.overrides())
