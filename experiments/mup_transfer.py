@@ -8,8 +8,9 @@ small model holds for the wide one. µP's two multipliers were tuned at the base
 lr: the logits' (model.mup_output_mult: 1, 2, 4, 8 -> 4) and then the projections' init std
 (model.mup_init_mult: 1, 2, 4 -> 2). With both at 1 the 64-wide µP run is SP's exactly, and
 µP's wider models inherit SP-at-64's too-slow readout and too-small init and gain little from
-their width. Heads keep head_dim 16 and grow with the width. Trials are lr_sweep.py's byte-level stdlib runs; DIR gets results.csv and
-results.png (final eval loss vs lr, a panel per parameterization, a line per width).
+their width. Heads keep head_dim 16 and grow with the width. Trials are lr_sweep.py's byte-level
+stdlib runs; DIR gets results.csv and results.png (final eval loss vs lr, a panel per
+parameterization, a line per width).
 """
 from ml_collections import ConfigDict
 

@@ -6,7 +6,6 @@ import pytest
 
 from model.config import model_config
 from model.errors import UserError
-
 from train.loop import init_trainer
 from train.mesh import global_batch, mesh_rules
 from train.objectives import causal_lm_loss
