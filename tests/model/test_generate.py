@@ -44,8 +44,11 @@ def full_logits(cfg: ModelConfig, params: dict, rows: list[list[int]]) -> list[n
                                              (False, dict(qk_norm=True))])
 def test_kv_cache_decoding_matches_recompute(scan, stability):
   """Prefill (left-padded batch) then one token per step through the cache, teacher-forced with a
-  fixed continuation: every step's logits equal the full recomputation's, within 1e-5 (f32); with
-  QK-norm and soft-capping too (the cache holds normed keys)."""
+  fixed continuation: every step's logits equal the full recomputation's up to f32 rounding, 5e-6
+  of the largest logit (the two paths sum in other orders and the x4 weights make the softmax
+  inputs large: 1.9e-6 measured on an AVX-512 CPU, where an absolute 1e-5 failed by 0.5%); with
+  QK-norm and soft-capping too (the cache holds normed keys). A cache bug (a wrong slot,
+  position or mask) moves logits by O(0.1)."""
   cfg, params = tiny(scan, **stability)
   model = build_model(cfg)
   rng = np.random.default_rng(0)
@@ -65,8 +68,9 @@ def test_kv_cache_decoding_matches_recompute(scan, stability):
     cached.append(np.asarray(logits))
   for b, (oracle, prompt) in enumerate(zip(full_logits(cfg, params, rows), PROMPTS)):
     got = np.concatenate([cached[0][b, width - len(prompt):]] + [c[b] for c in cached[1:]])
-    tol = 2e-5 if stability.get('attn_softcap') else 1e-5  # tanh of large logits: more roundings
-    assert np.abs(got - oracle[:len(prompt) + steps]).max() <= tol
+    want = oracle[:len(prompt) + steps]
+    rel = 1e-5 if stability.get('attn_softcap') else 5e-6  # tanh of large logits: more roundings
+    assert np.abs(got - want).max() <= rel * np.abs(want).max()
 
 
 @pytest.mark.parametrize('scan', [False, True])
