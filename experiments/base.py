@@ -51,8 +51,9 @@ def get_config() -> ConfigDict:
   m.param_dtype = 'float32'
   m.scan_layers = False           # nn.scan over layers: compile time independent of depth
   m.remat = 'none'                # none | full | dots | dots_no_batch (see model/transformer.py)
-  m.parameterization = 'sp'       # sp | mup: µP (init std, Adam lr of the layers' matrices and the logits
-                                  #   scale with d_model / mup_base_width; the base width's run is SP's)
+  m.parameterization = 'sp'       # sp | mup: µP (init std, Adam lr of the layers' matrices and experts, the
+                                  #   logits and router logits scale with d_model / mup_base_width; the base
+                                  #   width's run is SP's)
   m.mup_base_width = 0            # mup: the width whose tuned hyperparameters transfer (0 = d_model)
   m.mup_output_mult = 1.0         # mup: the logits' multiplier, tuned at the base width like the lr
   m.mup_init_mult = 1.0           # mup: the layers' projection init std multiplier, tuned there too
@@ -105,7 +106,8 @@ def get_config() -> ConfigDict:
   t.batch_size = 32               # global batch, in rows of seq_len tokens
   t.seq_len = 128
   t.grad_accum = 1                # micro-batches per step (lax.scan); same update as the full batch
-  t.optimizer = 'adamw'           # adamw | adafactor | lion | muon (matrices; AdamW at train.lr for embeddings, norms, biases)
+  t.optimizer = 'adamw'           # adamw | adafactor | lion | muon (matrices and experts; AdamW at train.lr for embeddings,
+                                  #   output layer, routers, norms, biases)
   t.muon_lr = 0.02                # muon: learning rate of the matrices (scaled like train.lr by the schedule)
   t.lr = 1e-3                     # peak learning rate
   t.schedule = 'cosine'           # cosine | linear | constant | wsd (warmup-stable-decay)

@@ -146,9 +146,6 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
                     f'(the {m.attention} kernels take no soft-cap); set one or the other')
   if m.attention == 'splash':
     check_splash_fields(m, seq_len)
-  if m.parameterization == 'mup' and m.mlp == 'moe':
-    raise UserError('model.parameterization=mup scales the dense projections only; the experts of '
-                    'model.mlp=moe are not covered: use a dense mlp or parameterization=sp')
   for field in ('mup_output_mult', 'mup_init_mult'):
     if m[field] != 1 and m.parameterization != 'mup':
       raise UserError(f'model.{field}={m[field]} needs model.parameterization=mup; set '

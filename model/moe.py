@@ -16,6 +16,10 @@ The layer sows its load-balancing loss (Switch Transformer: n_experts · Σ_e f_
 load is even), router z-loss (ST-MoE: mean log² Σ exp(router logit)) and dropped fraction into the
 'moe' collection; the train step adds balance_loss·balance + router_z_loss·router_z, averaged
 over layers (`aux_losses`), to the loss it differentiates.
+
+Under µP the experts are hidden matrices (init std by model.init_scale here, Adam lr / width_mult
+in train/state.py) and the router, whose output side is n_experts at every width, is a readout:
+its logits are divided by the width multiplier, as the output layer's are.
 """
 import math
 
@@ -149,19 +153,24 @@ class MoeMlp(nn.Module):
   def __call__(self, x: Array) -> Array:
     c = self.cfg
     e, d, f = c.n_experts, c.d_model, c.d_ff
+    std = 0.02 * c.init_scale  # the experts map a width to a width, as the dense projections do
     router = self.param('router', param_init(0.02, ('embed', None)), (d, e), c.weight_dtype)
-    gate = self.param('gate', param_init(0.02, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
-    up = self.param('up', param_init(0.02, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
-    down = self.param('down', param_init(0.02 / math.sqrt(2 * c.n_layers), ('expert', 'mlp', 'embed')),
+    gate = self.param('gate', param_init(std, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
+    up = self.param('up', param_init(std, ('expert', 'embed', 'mlp')), (e, d, f), c.weight_dtype)
+    down = self.param('down', param_init(std / math.sqrt(2 * c.n_layers), ('expert', 'mlp', 'embed')),
                       (e, f, d), c.weight_dtype)
     x = x.astype(c.compute_dtype)
     logits = jnp.einsum('btd,de->bte', x.astype(jnp.float32), router.astype(jnp.float32))
+    if c.width_mult != 1.0:  # µP: the router is a readout (width in, n_experts out), scaled as one
+      logits = logits / c.width_mult
     weights, experts = route(logits, c.top_k)
     kernels = tuple(w.astype(c.compute_dtype) for w in (gate, up, down))
     if c.capacity_factor:
       y, dropped = with_capacity(x, experts, weights, *kernels, c.capacity_factor)
     else:
       y, dropped = dropless(x, experts, weights, *kernels), jnp.zeros((), jnp.float32)
+    if self.is_mutable_collection('intermediates'):  # run statistics (train/stats.py) only
+      self.sow('intermediates', 'logit_max', logits.max())
     if self.is_mutable_collection(COLLECTION):  # the train step's auxiliary losses
       self.sow(COLLECTION, 'balance', balance_loss(logits, experts))
       self.sow(COLLECTION, 'router_z', router_z_loss(logits))

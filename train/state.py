@@ -61,34 +61,46 @@ def key_names(path: tuple) -> list[str]:
   return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
 
 
+# The layers' projection matrices, by name: (reduction axes, output axes) counted from the end, so
+# a scanned stack's leading layer axis and a mixture's leading expert axis are batch axes. Dense
+# projections are `NAME/kernel`; a mixture's experts are `mlp/gate|up|down` [experts, in, out].
+PROJECTION_AXES = {'query': ((-3,), (-2, -1)), 'key': ((-3,), (-2, -1)), 'value': ((-3,), (-2, -1)),
+                   'out': ((-3, -2), (-1,)), 'gate': ((-2,), (-1,)), 'up': ((-2,), (-1,)),
+                   'down': ((-2,), (-1,))}
+EXPERTS = ('gate', 'up', 'down')
+
+
+def projection(names: list[str]) -> str | None:
+  """The projection a parameter path names (query, ..., down), or None for anything else:
+  embeddings, the output layer, a mixture's router, heads, norms, biases, LoRA adapters."""
+  if len(names) > 1 and names[-1] == 'kernel' and names[-2] in PROJECTION_AXES:
+    return names[-2]
+  if len(names) > 1 and names[-2] == 'mlp' and names[-1] in EXPERTS:
+    return names[-1]
+  return None
+
+
 def decay_mask(params: PyTree, decay_embeddings: bool) -> PyTree:
-  """Weight decay on matmul kernels (and embeddings by choice); never on norms or biases."""
+  """Weight decay on matmul kernels (a mixture's experts and router included, and embeddings by
+  choice); never on norms or biases."""
   def leaf(path, _):
-    name = key_names(path)[-1]
-    return name == 'kernel' or (decay_embeddings and name == 'embedding')
+    names = key_names(path)
+    return (names[-1] in ('kernel', 'router') or projection(names) is not None
+            or (decay_embeddings and names[-1] == 'embedding'))
   return jax.tree_util.tree_map_with_path(leaf, params)
-
-
-# Matrices Muon orthogonalises, by the name of their layer: (reduction axes, output axes) counted
-# from the end, so a scanned stack's leading layer axis is a batch axis. Embeddings, the output
-# layer, heads, norms, biases and LoRA adapters are left to AdamW (Jordan et al. 2024).
-MUON_AXES = {'query': ((-3,), (-2, -1)), 'key': ((-3,), (-2, -1)), 'value': ((-3,), (-2, -1)),
-             'out': ((-3, -2), (-1,)), 'gate': ((-2,), (-1,)), 'up': ((-2,), (-1,)),
-             'down': ((-2,), (-1,))}
 
 
 def muon_labels(params: PyTree) -> PyTree:
-  """'muon' for the transformer layers' projection kernels, 'adam' for everything else."""
-  def leaf(path, _):
-    names = key_names(path)
-    return 'muon' if names[-1] == 'kernel' and len(names) > 1 and names[-2] in MUON_AXES else 'adam'
-  return jax.tree_util.tree_map_with_path(leaf, params)
+  """'muon' for the transformer layers' projection matrices (a mixture's experts each on its own),
+  'adam' for everything else (Jordan et al. 2024)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'muon' if projection(key_names(path)) else 'adam', params)
 
 
 def muon_dims(params: PyTree) -> PyTree:
   """Each Muon matrix's MuonDimensionNumbers (called on the Muon partition only)."""
   def leaf(path, _):
-    reduction, output = MUON_AXES[key_names(path)[-2]]
+    reduction, output = PROJECTION_AXES[projection(key_names(path))]
     return optax.contrib.MuonDimensionNumbers(reduction, output)
   return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -105,8 +117,9 @@ def muon(t: ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTr
 
 
 def hidden_mask(params: PyTree) -> PyTree:
-  """True for the layers' projection kernels, the matrices whose both sides grow with width."""
-  return jax.tree.map(lambda label: label == 'muon', muon_labels(params))
+  """True for the layers' projection matrices (experts included), whose both sides grow with width."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: projection(key_names(path)) is not None,
+                                          params)
 
 
 def make_optimizer(t: ConfigDict, width_mult: float = 1.0) -> optax.GradientTransformation:

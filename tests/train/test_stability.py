@@ -200,6 +200,39 @@ def test_muon_orthogonalises_the_layer_matrices_and_leaves_the_rest_to_adamw():
   assert s.max() / s.min() > 3.0, s
 
 
+
+def test_muon_orthogonalises_each_expert_of_a_mixture_and_leaves_the_router_to_adamw():
+  cfg = tiny_config(mlp='moe', n_experts=4, top_k=2)
+  cfg.train.optimizer, cfg.train.weight_decay, cfg.train.clip_norm = 'muon', 0.0, 0.0
+  cfg.train.warmup_steps = 0
+  trainer, before, _ = one_step(cfg, random_batch(np.random.default_rng(0), 8, 16, VOCAB))
+  labels = muon_labels(before.params)['blocks']['layers_0']['mlp']
+  assert labels == {'gate': 'muon', 'up': 'muon', 'down': 'muon', 'router': 'adam'}
+  up = lambda p: p['blocks']['layers_1']['mlp']['up']   # [experts, d_model, d_ff]
+  delta = up(jax.device_get(trainer.state.params)) - up(before.params)
+  for e, update in enumerate(delta):
+    s = np.linalg.svd(update, compute_uv=False)
+    assert s.max() / s.min() < 2.0, (e, s)
+
+
+def test_weight_decay_reaches_every_matmul_kernel_mixture_experts_and_router_included():
+  """AdamW on zero gradients is its decay alone: every kernel (attention, output layer, a
+  mixture's experts and router) shrinks by lr·wd; embeddings and norms stay."""
+  cfg = tiny_config(mlp='moe', n_experts=4, top_k=2, tie_embeddings=False)
+  cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps = 1e-2, 0.1, 0
+  trainer = init_trainer(cfg, VOCAB, devices=jax.devices()[:1])
+  params = jax.device_get(trainer.state.params)
+  zeros = jax.tree.map(np.zeros_like, params)
+  new = optax.apply_updates(params, trainer.tx.update(zeros, trainer.tx.init(params), params)[0])
+  f64 = lambda x: np.asarray(x, np.float64)
+  shrink = {'/'.join(k.key for k in path): 1 - np.sum(f64(b) * a) / np.sum(f64(a) * a)
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new))}
+  layer = 'blocks/layers_0/'
+  for name in ('mlp/gate', 'mlp/up', 'mlp/down', 'mlp/router', 'attn/query/kernel', 'lm_head/kernel'):
+    assert shrink[name if name.startswith('lm_head') else layer + name] == pytest.approx(1e-3, rel=1e-3), name
+  for name in ('embed/embedding', layer + 'attn_norm/scale', 'final_norm/scale'):
+    assert shrink[name] == 0.0, name
+
 def flat_rms(tree, prefix):
   return {f'{prefix}/' + '/'.join(str(k.key) for k in path): float(np.sqrt(np.mean(np.square(x))))
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
