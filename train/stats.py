@@ -1,6 +1,7 @@
 """Per-layer run statistics, computed inside the jitted step (nanodo's per-layer RMS, extended):
 RMS of every parameter, gradient and update tensor by layer and kind, global norms, and the
-activation RMS and attention-logit maximum each block sows into Flax's 'intermediates'.
+activation RMS and attention-logit (and a mixture's router-logit) maximum each block sows into
+Flax's 'intermediates'.
 
 Names are the parameter paths with a kind prefix, e.g. `grad_rms/blocks/layers_1/mlp/up/kernel`
 or `act_rms/blocks/layers_0`; a scanned stack (model.scan_layers) is split into its layers, so
