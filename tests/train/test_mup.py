@@ -39,7 +39,8 @@ def block_stats(width: int, parameterization: str, **model) -> tuple[np.ndarray,
     _, sown = trainer.model.apply({'params': trainer.state.params}, batch['inputs'],
                                   batch['positions'], batch['segment_ids'],
                                   rngs={'dropout': jax.random.PRNGKey(0)}, mutable=['intermediates'])
-  blocks = [sown['intermediates']['blocks'][f'layers_{i}'] for i in range(2)]
+  by_name = sown['intermediates']['blocks']
+  blocks = [by_name[f'layers_{i}'] for i in range(len(by_name))]
   rms = np.array([float(b['act_rms'][0]) for b in blocks])
   router = np.array([float(b['mlp']['logit_max'][0]) for b in blocks if 'mlp' in b])
   return rms, router

@@ -200,7 +200,6 @@ def test_muon_orthogonalises_the_layer_matrices_and_leaves_the_rest_to_adamw():
   assert s.max() / s.min() > 3.0, s
 
 
-
 def test_muon_orthogonalises_each_expert_of_a_mixture_and_leaves_the_router_to_adamw():
   cfg = tiny_config(mlp='moe', n_experts=4, top_k=2)
   cfg.train.optimizer, cfg.train.weight_decay, cfg.train.clip_norm = 'muon', 0.0, 0.0
@@ -232,6 +231,7 @@ def test_weight_decay_reaches_every_matmul_kernel_mixture_experts_and_router_inc
     assert shrink[name if name.startswith('lm_head') else layer + name] == pytest.approx(1e-3, rel=1e-3), name
   for name in ('embed/embedding', layer + 'attn_norm/scale', 'final_norm/scale'):
     assert shrink[name] == 0.0, name
+
 
 def flat_rms(tree, prefix):
   return {f'{prefix}/' + '/'.join(str(k.key) for k in path): float(np.sqrt(np.mean(np.square(x))))
