@@ -16,7 +16,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from scipy import spatial
 
-from experiments.studies import fits, scaling
+from experiments.studies import fits, planning
 from model.errors import UserError
 
 LEVEL = 0.9  # of every bootstrap interval
@@ -141,11 +141,11 @@ def split_budgets(h: ConfigDict) -> tuple[list[float], list[float]]:
   return budgets[:len(budgets) - h.holdout], budgets[len(budgets) - h.holdout:]
 
 
-def plan_trial(budget: float, cost: scaling.ShapeCost, batch: int, multiplier: float, s: ConfigDict,
-               seq_len: int, min_steps: int) -> scaling.PlannedRun:
+def plan_trial(budget: float, cost: planning.ShapeCost, batch: int, multiplier: float, s: ConfigDict,
+               seq_len: int, min_steps: int) -> planning.PlannedRun:
   """One trial that spends `budget` at `batch` rows and `multiplier` × the lr rule (else a UserError)."""
-  name = f'{scaling.run_name(budget, cost.shape)}_b{batch}_lrx{multiplier:g}'
-  run = scaling.sized_run(name, 'hparams', budget, cost, batch, s, seq_len, multiplier)
+  name = f'{planning.run_name(budget, cost.shape)}_b{batch}_lrx{multiplier:g}'
+  run = planning.sized_run(name, 'hparams', budget, cost, batch, s, seq_len, multiplier)
   if run.steps < min_steps or abs(run.flops / budget - 1) > 0.01:
     raise UserError(f'{name} gets {run.steps} steps of {batch}x{seq_len} tokens ({run.flops:.3g} of its '
                     f'{budget:.3g} FLOPs) but needs >= hparams.min_steps={min_steps} within 1% of its '
@@ -153,13 +153,13 @@ def plan_trial(budget: float, cost: scaling.ShapeCost, batch: int, multiplier: f
   return run
 
 
-def plan(cfg: ConfigDict, vocab_size: int) -> list[scaling.PlannedRun]:
+def plan(cfg: ConfigDict, vocab_size: int) -> list[planning.PlannedRun]:
   """Every budget's model × batch_grid × lr_grid, smallest budget first."""
   h, s = cfg.hparams, cfg.scaling
-  shapes = scaling.parse_ladder(s.ladder, s.head_dim)
-  costs = sorted((scaling.shape_cost(cfg, shape, vocab_size) for shape in shapes), key=lambda c: c.n)
+  shapes = planning.parse_ladder(s.ladder, s.head_dim)
+  costs = sorted((planning.shape_cost(cfg, shape, vocab_size) for shape in shapes), key=lambda c: c.n)
   nearest = ConfigDict({**s.to_dict(), 'sizes_per_budget': 1})  # a window of one ladder model
-  return [plan_trial(c, scaling.window(costs, c, nearest)[0], int(b), float(m), s, cfg.train.seq_len,
+  return [plan_trial(c, planning.window(costs, c, nearest)[0], int(b), float(m), s, cfg.train.seq_len,
                      h.min_steps)
           for c in sorted(float(b) for b in h.budgets) for b in h.batch_grid for m in h.lr_grid]
 

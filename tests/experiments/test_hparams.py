@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import hparams_cpu, hparams_smoke
-from experiments.studies import fits, hparams, scaling
+from experiments.studies import fits, hparams, planning, scaling
 from model.config import model_config
 from model.errors import UserError
 from tests.experiments.test_scaling import BYTE_VOCAB, with_overrides
@@ -42,7 +42,7 @@ def test_cpu_plan_spends_every_budget_with_enough_steps():
   for c_ in budgets:  # one model per budget; the lr grid spans the rule at each batch
     same = [r for r in runs if r.budget == c_]
     assert len({r.cost.shape for r in same}) == 1
-    rule = scaling.lr_for(same[0].cost.shape.d_model, 4, c.scaling)
+    rule = planning.lr_for(same[0].cost.shape.d_model, 4, c.scaling)
     assert sorted(r.lr / rule for r in same if r.batch_size == 4) == pytest.approx(sorted(h.lr_grid))
 
 

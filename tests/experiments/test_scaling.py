@@ -5,7 +5,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from experiments import scaling_cpu, scaling_smoke
-from experiments.studies import scaling
+from experiments.studies import planning
 from model.config import model_config
 from model.errors import UserError
 from train.step import make_train_step
@@ -28,7 +28,7 @@ def with_overrides(c: ConfigDict, overrides: dict) -> ConfigDict:
 def test_planned_runs_spend_their_budget(get_config):
   """The FLOPs a trial's own config implies (steps × batch × seq_len × FLOPs/token) are within 1%."""
   c = get_config()
-  runs = scaling.plan(c, BYTE_VOCAB)
+  runs = planning.plan(c, BYTE_VOCAB)
   for run in runs:
     trial = with_overrides(c, run.overrides())
     t = trial.train
@@ -41,7 +41,7 @@ def test_planned_runs_spend_their_budget(get_config):
 def test_scaling_cpu_design():
   """Acceptance 1's design: 5 budgets over >= 1.2 decades, 4-6 sizes each, >= ~1000 steps."""
   c = scaling_cpu.get_config()
-  runs = [r for r in scaling.plan(c, BYTE_VOCAB) if r.role == 'isoflop']
+  runs = [r for r in planning.plan(c, BYTE_VOCAB) if r.role == 'isoflop']
   budgets = sorted({r.budget for r in runs})
   assert len(budgets) == 5 and budgets[-1] / budgets[0] >= 10 ** 1.2
   for b in budgets:
@@ -51,7 +51,7 @@ def test_scaling_cpu_design():
 
 def test_n_counts_head_and_attention():
   c = scaling_cpu.get_config()
-  cost = scaling.shape_cost(c, scaling.Shape(2, 64, 4), BYTE_VOCAB)
+  cost = planning.shape_cost(c, planning.Shape(2, 64, 4), BYTE_VOCAB)
   mcfg = model_config(with_overrides(c, {'model.n_layers': 2, 'model.d_model': 64, 'model.n_heads': 4}).model,
                       BYTE_VOCAB, c.train.seq_len)
   head = 64 * BYTE_VOCAB
@@ -64,7 +64,7 @@ def test_n_counts_head_and_attention():
 def test_batch_rule_keeps_min_steps():
   s = scaling_cpu.get_config().scaling
   for tokens in (3e5, 1e6, 4e6, 2e7):
-    batch, steps = scaling.batch_and_steps(tokens, 128, s)
+    batch, steps = planning.batch_and_steps(tokens, 128, s)
     assert s.min_batch <= batch <= s.max_batch and batch & (batch - 1) == 0
     assert steps >= s.min_steps or batch == s.min_batch
     assert steps < 2 * s.min_steps or batch == s.max_batch
@@ -72,10 +72,10 @@ def test_batch_rule_keeps_min_steps():
 
 def test_window_is_centred_and_consecutive():
   c = scaling_cpu.get_config()
-  costs = sorted((scaling.shape_cost(c, sh, BYTE_VOCAB) for sh in scaling.parse_ladder(c.scaling.ladder, 16)),
+  costs = sorted((planning.shape_cost(c, sh, BYTE_VOCAB) for sh in planning.parse_ladder(c.scaling.ladder, 16)),
                  key=lambda x: x.n)
   for budget in c.scaling.budgets:
-    chosen = scaling.window(costs, budget, c.scaling)
+    chosen = planning.window(costs, budget, c.scaling)
     i = costs.index(chosen[0])
     assert chosen == costs[i:i + len(chosen)]
     target = (budget / (6 * c.scaling.tokens_per_param)) ** 0.5
@@ -85,14 +85,14 @@ def test_window_is_centred_and_consecutive():
 @pytest.mark.parametrize('spec', ['2x64,3', '2x60', ''])
 def test_bad_ladder_is_a_user_error(spec):
   with pytest.raises(UserError, match='scaling.ladder'):
-    scaling.parse_ladder(spec, 16)
+    planning.parse_ladder(spec, 16)
 
 
 def test_tiny_budget_is_a_user_error():
   c = scaling_smoke.get_config()
   c.scaling.budgets = (1e8, 2e8)
   with pytest.raises(UserError, match='budget'):
-    scaling.plan(c, BYTE_VOCAB)
+    planning.plan(c, BYTE_VOCAB)
 
 
 @pytest.mark.parametrize('layers,width', [(1, 32), (4, 128)])

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments import scaling_wsd_cpu, scaling_wsd_smoke
-from experiments.studies import scaling
+from experiments.studies import planning, scaling
 from model.errors import UserError
 from tests.experiments.test_scaling import BYTE_VOCAB, with_overrides
 from train.metrics import flops_per_token
@@ -15,9 +15,9 @@ from model.config import model_config
 @pytest.mark.parametrize('get_config', [scaling_wsd_cpu.get_config, scaling_wsd_smoke.get_config])
 def test_cooldowns_branch_off_their_stable_run(get_config):
   c = get_config()
-  stables, cooldowns = scaling.plan_wsd(c, BYTE_VOCAB)
+  stables, cooldowns = planning.plan_wsd(c, BYTE_VOCAB)
   by_name = {s.name: s for s in stables}
-  isoflop = {(r.budget, r.cost.shape) for r in scaling.plan(c, BYTE_VOCAB) if r.role == 'isoflop'}
+  isoflop = {(r.budget, r.cost.shape) for r in planning.plan(c, BYTE_VOCAB) if r.role == 'isoflop'}
   assert {(r.budget, r.cost.shape) for r in cooldowns} == isoflop  # the same points
   for r in cooldowns:
     stable = by_name[r.stable]
@@ -35,7 +35,7 @@ def test_cooldowns_branch_off_their_stable_run(get_config):
   for s in stables:  # a stable run ends at its last branch point and keeps every branch point
     assert s.steps == max(s.branch_steps)
     assert s.overrides()['checkpoint.keep'] >= len(s.branch_steps)
-  summary = scaling.compute_summary(stables, cooldowns)
+  summary = planning.compute_summary(stables, cooldowns)
   assert summary['one_run_per_point_flops'] == pytest.approx(sum(r.flops for r in cooldowns))
   assert summary['ratio'] < 0.75
 
@@ -44,10 +44,10 @@ def test_bad_cooldown_is_a_user_error():
   c = scaling_wsd_smoke.get_config()
   c.scaling.cooldown_shape = 'cosine'
   with pytest.raises(UserError, match='cooldown_shape'):
-    scaling.plan_wsd(c, BYTE_VOCAB)
+    planning.plan_wsd(c, BYTE_VOCAB)
   c.scaling.cooldown_shape, c.scaling.cooldown_fraction = 'sqrt', 0.99
   with pytest.raises(UserError, match='cooldown_fraction'):
-    scaling.plan_wsd(c, BYTE_VOCAB)
+    planning.plan_wsd(c, BYTE_VOCAB)
 
 
 def test_a_cooldown_curve_starts_in_its_stable_run(tmp_path):

@@ -116,7 +116,7 @@ def test_lora_refuses_the_stacked_expert_kernels():
 
 
 def test_scaling_studies_count_active_flops_and_all_parameters():
-  from experiments.studies.scaling import Shape, shape_cost
+  from experiments.studies.planning import Shape, shape_cost
   c = tiny_config(mlp='moe', n_experts=4, top_k=1, d_ff=64)
   cost = shape_cost(c, Shape(2, 32, 4), 64)
   dense = tiny_config(d_ff=64)

@@ -19,7 +19,7 @@ from ml_collections import ConfigDict
 
 from data.sources import load_source
 from data.tokenizer import build_tokenizer
-from experiments.studies import sweep
+from experiments.studies import planning, sweep
 from model.errors import UserError
 from train.workdir import write_summary
 
@@ -118,7 +118,7 @@ def wsd_trials(cfg: ConfigDict, workdir: str, base: dict, stables: list, cooldow
   """Run the stable runs, then every cooldown branched off its stable run's checkpoint; returns the
   merged rows and each run's folder (the stable runs' too: a cooldown's curve begins in its stable
   run), or None for the rows while the stable runs are unfinished (launcher=emit). `flops` is
-  scaling.compute_summary's, printed first."""
+  planning.compute_summary's, printed first."""
   from experiments.studies import scaling  # scipy: loaded on use
   stable_trials = sweep.make_trials([{**base, **r.overrides()} for r in stables], [r.name for r in stables])
   dirs = {t.name: sweep.trial_dir(workdir, t) for t in stable_trials}
@@ -185,13 +185,13 @@ def scaling_stage(cfg: ConfigDict, workdir: str) -> None:
   write_manifest(workdir, cfg, corpus)
   base = trial_base(cfg, load_experiment(cfg.sweep.experiment))
   if cfg.scaling.design == 'wsd':
-    stables, planned = scaling.plan_wsd(cfg, vocab_size)
-    compute = scaling.compute_summary(stables, planned)
+    stables, planned = planning.plan_wsd(cfg, vocab_size)
+    compute = planning.compute_summary(stables, planned)
     rows, dirs = wsd_trials(cfg, workdir, base, stables, planned, compute)
     if rows is None:
       return
   elif cfg.scaling.design == 'isoflop':
-    stables, planned = [], scaling.plan(cfg, vocab_size)
+    stables, planned = [], planning.plan(cfg, vocab_size)
     trials = sweep.make_trials([{**base, **p.overrides()} for p in planned], [p.name for p in planned])
     print(f'scaling: {len(planned)} runs planned over {len(cfg.scaling.budgets)} budgets; largest D = '
           f'{max(p.tokens for p in planned) / corpus["train_chars"]:.2f}× the train split (in '
