@@ -86,9 +86,8 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
   start, tokens, flops = 0, 0, 0.0
   latest = manager.latest_step()
   if latest is not None:
-    watch.switch('restore')
-    trainer.state, meta = checkpoint.restore(manager, latest, trainer.state, train_iter)
-    watch.switch('startup')
+    with watch.charge('restore'):
+      trainer.state, meta = checkpoint.restore(manager, latest, trainer.state, train_iter)
     start, tokens, flops = latest, meta['tokens'], meta['flops']
     print(f'resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}', flush=True)
 
@@ -186,14 +185,12 @@ def run_training(trainer: Trainer, objective: Callable[[Callable], LossFn], trai
         if is_eval(step) or is_ckpt or stopping or window.ends(step):
           flush(log=not stopping)  # this step's loss is checked before anything is saved
         if window.ends(step):
-          watch.switch('profile')
-          window.stop(trainer.state)
-          watch.switch('other')
+          with watch.charge('profile'):
+            window.stop(trainer.state)
           clock = time.perf_counter()  # the profiler's time is not training time
         if is_eval(step):
-          watch.switch('eval')
-          last.update(run_eval(eval_view(trainer)))
-          watch.switch('other')
+          with watch.charge('eval'):
+            last.update(run_eval(eval_view(trainer)))
           if not stopping:
             writer.write(step, last)
           bar.write(f'step {step}: eval_loss {last["eval_loss"]:.4f}')
