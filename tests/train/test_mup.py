@@ -36,9 +36,10 @@ def block_stats(width: int, parameterization: str, **model) -> tuple[np.ndarray,
   b = BATCHES[0]
   with mesh_rules(trainer.mesh):
     batch = global_batch(b, trainer.mesh)
-    _, sown = trainer.model.apply({'params': trainer.state.params}, batch['inputs'],
-                                  batch['positions'], batch['segment_ids'],
-                                  rngs={'dropout': jax.random.PRNGKey(0)}, mutable=['intermediates'])
+    apply = jax.jit(lambda params: trainer.model.apply(  # eager, a mixture takes ~10 s
+        {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
+        rngs={'dropout': jax.random.PRNGKey(0)}, mutable=['intermediates'])[1])
+    sown = apply(trainer.state.params)
   by_name = sown['intermediates']['blocks']
   blocks = [by_name[f'layers_{i}'] for i in range(len(by_name))]
   rms = np.array([float(b['act_rms'][0]) for b in blocks])
