@@ -2,9 +2,11 @@
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import xla_flags  # noqa: E402  (imports no jax)
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from train.xla_flags import set_cpu_defaults  # noqa: E402  (the XLA flags run.py uses)
 
 set_cpu_defaults()

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests.helpers import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=experiments/quickstart.py', '--config.model.n_layers=1', '--config.model.d_model=32',
         '--config.train.batch_size=4', '--config.train.seq_len=32', '--config.data.synthetic.n_docs=200',
@@ -17,10 +19,8 @@ TINY = ['--config=experiments/quickstart.py', '--config.model.n_layers=1', '--co
 
 
 def env() -> dict[str, str]:
-  """One CPU device, as a user's run; the 8-device test flag is not inherited."""
-  e = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  e['JAX_PLATFORMS'] = 'cpu'
-  return e
+  """One CPU device, as a user's run (the 8-device test flag is not inherited), compiled fast."""
+  return {**os.environ, 'XLA_FLAGS': xla_flags(), 'JAX_PLATFORMS': 'cpu'}
 
 
 def run(workdir, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:

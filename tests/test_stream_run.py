@@ -12,6 +12,7 @@ import pytest
 
 from data import store
 from data.tokenizer import ByteTokenizer
+from tests.helpers import xla_flags
 from tests.test_run import ROOT, losses, wait_for
 
 STEPS, KILL_AT = 12, 6
@@ -41,7 +42,7 @@ def sources(tmp_path_factory):
 def launch(workdir, source: str, processes: int = 1) -> list[subprocess.Popen]:
   """run.py on `processes` local processes (jax.distributed) with 8 CPU devices in all."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={8 // processes}'}
+         'XLA_FLAGS': xla_flags(8 // processes)}
   cmd = [sys.executable, 'run.py', f'--workdir={workdir}', *FLAGS, f'--config.data.source={source}']
   if processes > 1:
     with socket.socket() as s:

@@ -14,6 +14,7 @@ from experiments.studies import sweep
 from train.stages.studies import inherited_overrides
 from experiments.base import get_config
 from model.errors import UserError
+from tests.helpers import xla_flags
 
 
 def test_grid_is_every_combination_last_axis_fastest():
@@ -103,7 +104,7 @@ def child_pids(pid: int) -> list[int]:
 def test_sweep_survives_a_killed_trial(tmp_path):
   """Acceptance 6 in small: SIGKILL a running trial; the sweep reruns it (resuming from its
   checkpoint), finishes every trial and writes results.csv and the loss-vs-lr plot."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # trials: one CPU device
+  env = {**os.environ, 'XLA_FLAGS': xla_flags()}  # trials: one CPU device
   workdir = str(tmp_path / 'sweep')
   proc = subprocess.Popen([sys.executable, 'run.py', '--config=tests/experiments/tiny_sweep.py',
                            f'--workdir={workdir}'], cwd=sweep.REPO, env=env,

@@ -8,6 +8,7 @@ import pytest
 
 from experiments import quickstart
 from tests.conftest import SHARED_DATA
+from tests.helpers import xla_flags
 from train.stages.eval import eval_stage
 from train.stages.pretrain import pretrain_stage
 
@@ -81,7 +82,7 @@ def test_lm_eval_cli_on_the_workdir_agrees_with_our_task(trained, tmp_path):
                                                    'label': it.label} for it in items])
   lm_eval_yaml(str(tmp_path), 'lmlab_markov', data, 'multiple_choice')
   env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '', 'PYTHONPATH': os.getcwd()}
+         'XLA_FLAGS': xla_flags(), 'PYTHONPATH': os.getcwd()}
   out = subprocess.run([sys.executable, '-m', 'train.eval.lm_eval_adapter', '--model', 'lmlab',
                         '--model_args', f'pretrained={workdir}', '--tasks', 'lmlab_markov',
                         '--include_path', str(tmp_path)], capture_output=True, text=True, env=env,
