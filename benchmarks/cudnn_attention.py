@@ -1,15 +1,16 @@
-"""cuDNN flash attention on packed rows, three ways, against the f32 einsum oracle (GPU only).
+"""cuDNN flash attention on packed rows: the dense segment mask against model.cudnn_segments (GPU only).
 
   python benchmarks/cudnn_attention.py                  # GPT-2 small's shape: 16 x 1024, 12 heads of 64
 
-model.attention=cudnn hands jax.nn.dot_product_attention a dense [b, 1, t, s] segment mask, which
-cuDNN reads as a bias. Two alternatives: cuDNN's packed layout (per row, the length and offset of
-each of at most M segments: jax._src.cudnn's q_seqlen/q_offsets, Hopper and later), and a plain
-causal mask (right only when every row is one document). For each, the fwd+bwd time and the
-relative error of the output and the three gradients on real (non-padding) positions.
+model.attention=cudnn alone hands jax.nn.dot_product_attention a dense [b, 1, t, s] segment mask,
+which cuDNN reads as a bias (and writes its unused gradient). model.cudnn_segments=M tells cuDNN
+each row's documents instead (model/cudnn.py): plain causal at M = 1, the packed layout (per row
+the length and offset of at most M segments, Hopper and later) at M > 1, the mask for a batch
+with a longer row. Rows of 1-7 documents with padding, and rows of one document; for each
+variant the fwd+bwd time and the relative error of the output and the three gradients on real
+(non-padding) positions against the f32 einsum oracle.
 """
 import functools
-import math
 import time
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from model import layers
+from model import cudnn, layers
 
 flags.DEFINE_integer('batch', 16, 'Rows.')
 flags.DEFINE_integer('seq_len', 1024, 'Tokens per row.')
@@ -26,23 +27,11 @@ flags.DEFINE_integer('head_dim', 64, 'Head dimension.')
 flags.DEFINE_integer('repeats', 20, 'Timed calls of each variant.')
 
 
-def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
-  """(lengths [b, M], offsets [b, M + 1]) of each row's contiguous segments, -1 past the last: the
-  packed layout cuDNN takes. Padding (segment 0) is one more segment, as in attention_mask."""
-  b, t = segment_ids.shape
-  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  idx = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=t)[0])(starts)
-  idx = idx.astype(jnp.int32)
-  lengths = jnp.where(idx[:, :-1] < t, idx[:, 1:] - idx[:, :-1], -1).astype(jnp.int32)
-  return lengths, jnp.where(idx < t, idx, -1).astype(jnp.int32)
-
-
-def cudnn_packed(q, k, v, segment_ids, max_segments: int):
-  from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
-  lengths, offsets = packed_segments(segment_ids, max_segments)
-  return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                               kv_offsets=offsets, scale=1 / math.sqrt(q.shape[-1]),
-                               mask_type=MaskType.CAUSAL, qkv_layout='BTNH')
+def cudnn_segments(q, k, v, segment_ids, max_segments: int):
+  """model.cudnn_segments=M: plain causal (M = 1) or the packed layout, the mask past M segments."""
+  mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+  masked = functools.partial(layers.fused_attention, mask=mask, implementation='cudnn', causal=True)
+  return cudnn.cudnn_attention(q, k, v, segment_ids, max_segments, masked)
 
 
 def cudnn_dense_mask(q, k, v, segment_ids):
@@ -87,11 +76,11 @@ def main(_):
     out, back = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
     return (out, *back(g.astype(out.dtype)))
 
-  variants = [('dense mask', cudnn_dense_mask, packed), ('packed M=8', functools.partial(
-      cudnn_packed, max_segments=8), packed), ('packed M=t', functools.partial(
-      cudnn_packed, max_segments=t), packed), ('dense mask, 1 doc', cudnn_dense_mask, single),
-      ('packed M=8, 1 doc', functools.partial(cudnn_packed, max_segments=8), single),
-      ('causal only, 1 doc', cudnn_causal, single)]
+  segments = lambda m: functools.partial(cudnn_segments, max_segments=m)
+  variants = [('dense mask', cudnn_dense_mask, packed), ('packed M=8', segments(8), packed),
+              ('packed M=t', segments(t), packed), ('dense mask, 1 doc', cudnn_dense_mask, single),
+              ('causal M=1, 1 doc', segments(1), single), ('packed M=8, 1 doc', segments(8), single),
+              ('causal only, 1 doc', cudnn_causal, single)]
   refs = {id(seg): jax.jit(lambda seg=seg: fwd_bwd(oracle, seg))() for seg in (packed, single)}
   print(f'{b} x {t} tokens, {h} heads of {d}, bf16; {jax.devices()[0].device_kind}')
   for name, fn, seg in variants:

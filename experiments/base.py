@@ -47,6 +47,9 @@ def get_config() -> ConfigDict:
   m.embed_norm = False            # norm after the summed embeddings (BERT)
   m.attention = 'einsum'          # einsum (reference) | xla | cudnn (jax.nn.dot_product_attention)
                                   # | splash (Pallas TPU kernel; interpreted off TPU: model/splash.py)
+  m.cudnn_segments = 0            # cudnn: causal self-attention told each row's documents instead of
+                                  #   a dense mask: 1 = plain causal (one document per row), M > 1 = cuDNN's
+                                  #   packed layout (Hopper+); rows with more fall back to the mask (model/cudnn.py)
   m.dtype = 'float32'             # compute dtype: float32 on CPU, bfloat16 on accelerators
   m.param_dtype = 'float32'
   m.scan_layers = False           # nn.scan over layers: compile time independent of depth

@@ -6,7 +6,8 @@ The shape of acceptance 6 of the scale-out issue; time it with
   python benchmarks/train_throughput.py --config=experiments/gpt2_small.py
 and train it on a corpus (the byte tokenizer fits under the padded vocabulary) with
   python run.py --config=experiments/gpt2_small.py --workdir=runs/gpt2 --config.data.source=text:GLOB
-On CPU, add --config.model.dtype=float32 --config.model.attention=einsum.
+On CPU, add --config.model.dtype=float32 --config.model.attention=einsum. On a GPU, compare
+--config.model.cudnn_segments=1 (the benchmark's rows are one document each; model/cudnn.py).
 """
 from experiments import base
 

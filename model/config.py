@@ -52,6 +52,7 @@ class ModelConfig:
   type_vocab_size: int = 0
   embed_norm: bool = False
   attention: str = 'einsum'
+  cudnn_segments: int = 0                # cudnn: > 0 = a row's documents, not a mask (model/cudnn.py)
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   scan_layers: bool = False
@@ -146,6 +147,9 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
                     f'(the {m.attention} kernels take no soft-cap); set one or the other')
   if m.attention == 'splash':
     check_splash_fields(m, seq_len)
+  if m.cudnn_segments < 0 or (m.cudnn_segments and m.attention != 'cudnn'):
+    raise UserError(f'model.cudnn_segments={m.cudnn_segments} needs model.attention=cudnn and '
+                    'must be >= 0 (0 = the dense segment mask)')
   for field in ('mup_output_mult', 'mup_init_mult'):
     if m[field] != 1 and m.parameterization != 'mup':
       raise UserError(f'model.{field}={m[field]} needs model.parameterization=mup; set '
@@ -166,8 +170,8 @@ def model_config(m: ConfigDict, vocab_size: int, seq_len: int) -> ModelConfig:
       norm_position=m.norm_position, norm_eps=m.norm_eps, mlp=m.mlp, use_bias=m.use_bias,
       dropout=m.dropout, attn_dropout=m.attn_dropout, embed_dropout=m.embed_dropout,
       tie_embeddings=m.tie_embeddings, type_vocab_size=m.type_vocab_size,
-      embed_norm=m.embed_norm, attention=m.attention, dtype=m.dtype,
-      param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
+      embed_norm=m.embed_norm, attention=m.attention, cudnn_segments=m.cudnn_segments,
+      dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
       n_decoder_layers=m.n_decoder_layers, relative_buckets=m.relative_buckets,
       relative_max_distance=m.relative_max_distance, qk_norm=m.qk_norm,
       parameterization=m.parameterization, mup_base_width=m.mup_base_width,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
+from model.cudnn import cudnn_attention
 from model.moe import MoeMlp
 from model.sharding import param_init, zeros_init
 from model.splash import splash_attention
@@ -298,6 +299,10 @@ class Attention(nn.Module):
       self.sow('intermediates', 'logit_max', attention_logits(q, k, mask, bias, c.attn_softcap).max())
     if c.attention == 'splash' and segment_ids is not None and cache is None:
       out = splash_attention(q, k, v, segment_ids, self.causal, c.attn_softcap)
+    elif (c.cudnn_segments and segment_ids is not None and cache is None and self.causal
+          and bias is None):
+      masked = functools.partial(fused_attention, mask=mask, implementation=c.attention, causal=True)
+      out = cudnn_attention(q, k, v, segment_ids, c.cudnn_segments, masked)
     elif c.attention in ('einsum', 'splash'):
       drop = nn.Dropout(c.attn_dropout, deterministic=self.deterministic)
       out = einsum_attention(q, k, v, mask, drop, bias, c.attn_softcap)
