@@ -62,4 +62,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from model.errors import one_line_errors
+  app.run(one_line_errors(main))

@@ -140,4 +140,5 @@ def stats_overhead(trainer, objective, step, state, batch, key, every: int, step
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from model.errors import one_line_errors
+  app.run(one_line_errors(main))

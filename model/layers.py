@@ -299,8 +299,8 @@ class Attention(nn.Module):
       self.sow('intermediates', 'logit_max', attention_logits(q, k, mask, bias, c.attn_softcap).max())
     if c.attention == 'splash' and segment_ids is not None and cache is None:
       out = splash_attention(q, k, v, segment_ids, self.causal, c.attn_softcap)
-    elif (c.cudnn_segments and segment_ids is not None and cache is None and self.causal
-          and bias is None):
+    elif (c.attention == 'cudnn' and c.cudnn_segments and segment_ids is not None and cache is None
+          and self.causal and bias is None):
       masked = functools.partial(fused_attention, mask=mask, implementation=c.attention, causal=True)
       out = cudnn_attention(q, k, v, segment_ids, c.cudnn_segments, masked)
     elif c.attention in ('einsum', 'splash'):

@@ -45,8 +45,8 @@ from train.trainer import Trainer, inference_params, init_trainer
 SUMMARY_FILE = 'sft_summary.json'
 
 # Compute settings a fine-tuning run may change; the architecture always comes from the base.
-COMPUTE_FIELDS = ('dtype', 'attention', 'remat', 'dropout', 'attn_dropout', 'embed_dropout',
-                  'scan_layers')
+COMPUTE_FIELDS = ('dtype', 'attention', 'cudnn_segments', 'remat', 'dropout', 'attn_dropout',
+                  'embed_dropout', 'scan_layers')
 
 
 def load_base(cfg: ConfigDict) -> Pretrained:
