@@ -15,7 +15,7 @@ from tests.faults.runs import fault_env
 from tests.test_run import ROOT, one_line_error
 from train.validate import validate, validate_devices
 
-# (overrides, field named in the error): 20 invalid settings
+# (overrides, field named in the error): 21 invalid settings
 INVALID = [
     ({'train.steps': -5}, 'train.steps'),
     ({'train.steps': 0}, 'train.steps'),
@@ -37,6 +37,7 @@ INVALID = [
     ({'sample.top_p': 0.0}, 'sample.top_p'),
     ({'lora.rank': -1}, 'lora.rank'),
     ({'rlhf.gamma': 1.5}, 'rlhf.gamma'),
+    ({'model.cudnn_segments': 2}, 'model.cudnn_segments'),  # quickstart's attention is einsum
 ]
 
 
