@@ -135,3 +135,31 @@ def test_model_hands_causal_self_attention_its_segments(monkeypatch):
 def test_cudnn_segments_refused_without_cudnn_or_negative(overrides):
   with pytest.raises(UserError, match='model.cudnn_segments'):
     model_config(tiny_config(**overrides).model, 40, 16)
+
+
+@pytest.mark.parametrize('segments', [0, 1, 4])
+def test_model_lowers_for_cuda_with_the_intended_kernels(segments, monkeypatch):
+  """The decoder's gradient, lowered for CUDA from this CPU host (cuDNN's version and compute
+  capability checks answered as on an H100 with cuDNN 9.10): the dense mask reaches cuDNN as a
+  [b, 1, t, t] bias whose gradient the backward writes; with cudnn_segments the kernel that runs
+  takes no bias, only (at M > 1) the [b, M] lengths and [b, M + 1] offsets, the masked kernel
+  kept for batches with longer rows."""
+  import jax._src.cudnn.fused_attention_stablehlo as fa
+  monkeypatch.setattr(fa, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(fa, 'check_compute_capability', lambda capability: True)
+  monkeypatch.setattr(fa, 'is_cuda_compute_capability_equal', lambda capability: capability == '9.0')
+  c = tiny_config(attention='cudnn', cudnn_segments=segments, dtype='bfloat16', head_dim=64)
+  model = build_model(model_config(c.model, 40, 128))
+  tokens, seg = jnp.zeros((2, 128), jnp.int32), jnp.ones((2, 128), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+  loss = lambda p: model.apply(p, tokens, segment_ids=seg).astype(jnp.float32).mean()
+  hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+  calls = [line for line in hlo.splitlines() if 'custom_call @__cudnn$fmha' in line]
+  kinds = sorted({line.split('custom_call @__cudnn$')[1].split('(')[0] for line in calls})
+  masked = ['fmhaScaleBiasSoftmax', 'fmhaScaleBiasSoftmaxBackward']
+  assert kinds == (masked if not segments else sorted(masked + ['fmhaSoftmax', 'fmhaSoftmaxBackward']))
+  bias = 'tensor<2x1x128x128xbf16>'
+  assert all(bias in line for line in calls if 'Bias' in line)
+  layout = ('tensor<2x4xi32>, tensor<2x4xi32>, tensor<2x5xi32>, tensor<2x5xi32>')
+  unmasked = [line for line in calls if 'Bias' not in line]
+  assert all(bias not in line and (layout in line) == (segments > 1) for line in unmasked)
