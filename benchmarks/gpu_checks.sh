@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of GPT-2 small in one call, most important first (about 6-8 minutes on an
 # H100 once JAX is up): cuDNN attention variants alone, then the train step's MFU with the dense
-# segment mask (today's default), with model.cudnn_segments=1, with XLA attention, at batch 32,
-# without Triton GEMMs, and a profile's 25 longest kernels. Each step has its own time limit and a
-# failure does not stop the rest.
+# segment mask (today's default), with model.cudnn_segments=1 (and its profile's 25 longest
+# kernels), at batch 32, without Triton GEMMs, with the loss in chunks, with XLA attention. Each
+# step has its own time limit and a failure does not stop the rest.
 #
 #   bash benchmarks/gpu_checks.sh [PROFILE_DIR]
 #
@@ -29,11 +29,12 @@ TRAIN=(python3 benchmarks/train_throughput.py --config=experiments/gpt2_small.py
 step 150 'cuDNN attention variants (fwd+bwd, errors against the f32 oracle)' \
   python3 benchmarks/cudnn_attention.py
 step 120 'GPT-2 small, cudnn, dense segment mask (baseline)' "${TRAIN[@]}"
-step 120 'GPT-2 small, cudnn, cudnn_segments=1' "${TRAIN[@]}" --config.model.cudnn_segments=1
-step 120 'GPT-2 small, xla attention' "${TRAIN[@]}" --config.model.attention=xla
+step 180 'GPT-2 small, cudnn_segments=1, then a profile (25 longest kernels)' \
+  "${TRAIN[@]}" --config.model.cudnn_segments=1 --profile="$PROFILE"
 step 150 'GPT-2 small, cudnn_segments=1, batch 32' \
   "${TRAIN[@]}" --config.model.cudnn_segments=1 --config.train.batch_size=32
 step 120 'GPT-2 small, cudnn_segments=1, Triton GEMMs off' \
   env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${TRAIN[@]}" --config.model.cudnn_segments=1
-step 150 'GPT-2 small, cudnn_segments=1, profile (25 longest kernels)' \
-  "${TRAIN[@]}" --config.model.cudnn_segments=1 --profile="$PROFILE"
+step 120 'GPT-2 small, cudnn_segments=1, loss in chunks of 2048 positions' \
+  "${TRAIN[@]}" --config.model.cudnn_segments=1 --config.train.loss_chunk=2048
+step 120 'GPT-2 small, xla attention' "${TRAIN[@]}" --config.model.attention=xla
