@@ -16,6 +16,8 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
   export PYTHONPATH=/tmp/lmlab_site:${PYTHONPATH:-}
 fi
 PROFILE=${1:-/tmp/gpu_checks_profile}
+LOG=${OUT:-/tmp}/gpu_checks.log  # the device tool's $OUT comes back even when its time runs out
+exec > >(tee -a "$LOG") 2>&1
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 
 step() {  # step SECONDS LABEL COMMAND...: one measurement, labelled, within its time limit

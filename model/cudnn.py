@@ -9,7 +9,9 @@ instead:
          (jax._src.cudnn's q_seqlen / q_offsets; Hopper or later).
 Padding (segment 0) is one more segment, attending to itself as in attention_mask. A batch with a
 row of more than M segments takes the dense mask instead (lax.cond), so the result is always the
-mask's; only the speed depends on M.
+mask's; only the speed depends on M. Both branches are compiled, and the backward's residuals
+are their union (the kernel path also keeps a zero [b, 1, t, s] bias): benchmarks/cudnn_attention.py
+times 'causal M=1' against cuDNN's causal kernel alone to show what that costs.
 """
 import math
 from typing import Callable
