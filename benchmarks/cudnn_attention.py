@@ -3,10 +3,10 @@
   python benchmarks/cudnn_attention.py                  # GPT-2 small's shape: 16 x 1024, 12 heads of 64
 
 model.attention=cudnn alone hands jax.nn.dot_product_attention a dense [b, 1, t, s] segment mask,
-which cuDNN reads as a bias (and writes its unused gradient). model.cudnn_segments=M tells cuDNN
-each row's documents instead (model/cudnn.py): plain causal at M = 1, the packed layout (per row
-the length and offset of at most M segments, Hopper and later) at M > 1, the mask for a batch
-with a longer row. Rows of 1-7 documents with padding, and rows of one document; for each
+which cuDNN reads as a bias (and, before JAX 0.11.1, writes its unused gradient: the installed JAX
+decides which is timed). model.cudnn_segments=M tells cuDNN each row's documents instead
+(model/cudnn.py): plain causal at M = 1, the packed layout (per row the length and offset of at
+most M segments, Hopper and later) at M > 1, the mask for a batch with a longer row. Rows of 1-7 documents with padding, and rows of one document; for each
 variant the fwd+bwd time and the relative error of the output and the three gradients on real
 (non-padding) positions against the f32 einsum oracle.
 """
@@ -82,7 +82,7 @@ def main(_):
               ('causal M=1, 1 doc', segments(1), single), ('packed M=8, 1 doc', segments(8), single),
               ('causal only, 1 doc', cudnn_causal, single)]
   refs = {id(seg): jax.jit(lambda seg=seg: fwd_bwd(oracle, seg))() for seg in (packed, single)}
-  print(f'{b} x {t} tokens, {h} heads of {d}, bf16; {jax.devices()[0].device_kind}')
+  print(f'{b} x {t} tokens, {h} heads of {d}, bf16; {jax.devices()[0].device_kind}, jax {jax.__version__}')
   for name, fn, seg in variants:
     try:
       step = jax.jit(lambda fn=fn, seg=seg: fwd_bwd(fn, seg))

@@ -1,9 +1,9 @@
 """cuDNN flash attention on packed rows without a dense mask (model.cudnn_segments = M > 0).
 
 model.attention=cudnn alone hands jax.nn.dot_product_attention the [b, 1, t, s] segment mask,
-which cuDNN reads as a bias: it is read in both passes, and the backward also writes its gradient,
-the same size, which nothing uses. Here causal self-attention gives cuDNN the row's documents
-instead:
+which cuDNN reads as a bias: it is read in both passes, and before JAX 0.11.1 (the last for
+Python 3.11 is 0.10) the backward also writes its gradient, the same size, which nothing uses.
+Here causal self-attention gives cuDNN the row's documents instead:
   M = 1: plain causal attention (every row one document, the GPT-2 benchmark's batches);
   M > 1: cuDNN's packed layout, each row's length and offset of at most M contiguous segments
          (jax._src.cudnn's q_seqlen / q_offsets; Hopper or later).
@@ -34,9 +34,17 @@ def packed_segments(segment_ids: Array, max_segments: int) -> tuple[Array, Array
   return lengths, offsets, (starts.sum(axis=1) > max_segments).any()
 
 
+# JAX before 0.11.1 strides packed key offsets by the query's head count: wrong keys under GQA/MQA,
+# silently (jax-ml/jax#39521). Python 3.11 stops at JAX 0.10, so the keys get one head per query.
+PACKED_GQA_FIXED = (0, 11, 1)
+
+
 def packed_kernel(q: Array, k: Array, v: Array, lengths: Array, offsets: Array) -> Array:
   """cuDNN's causal flash attention within each row's segments (private JAX API, as axlearn)."""
   from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+  groups = q.shape[2] // k.shape[2]
+  if groups > 1 and jax.__version_info__ < PACKED_GQA_FIXED:
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
                                kv_offsets=offsets, scale=1 / math.sqrt(q.shape[-1]),
                                mask_type=MaskType.CAUSAL, qkv_layout='BTNH')

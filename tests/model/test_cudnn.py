@@ -1,8 +1,9 @@
 """model.cudnn_segments off GPU: the packed layout handed to cuDNN describes exactly the segment
 mask, and the switch between kernel and mask fallback keeps the mask's result. cuDNN itself cannot
-run here: its two kernels are stood in for by the einsum oracle under the mask the layout spells
-out (jax._src.cudnn's documented q_seqlen / q_offsets semantics); benchmarks/cudnn_attention.py
-times and checks the real ones on a GPU."""
+run here: JAX's private packed entry point is emulated by the einsum oracle under the mask the
+layout spells out (its documented q_seqlen / q_offsets semantics), the causal kernel by the
+oracle, and the model is lowered for CUDA; benchmarks/cudnn_attention.py times and checks the real
+kernels on a GPU."""
 import dataclasses
 import functools
 
@@ -13,7 +14,7 @@ import pytest
 
 import model.layers
 from model.config import model_config
-from model.cudnn import cudnn_attention, packed_segments
+from model.cudnn import cudnn_attention, packed_kernel, packed_segments
 from model.errors import UserError
 from model.layers import attention_mask, einsum_attention
 from model.transformer import build_model
@@ -47,8 +48,24 @@ def oracle(mask):
   return lambda q, k, v: einsum_attention(q, k, v, mask, lambda p: p)
 
 
-def packed_stand_in(q, k, v, lengths, offsets):
-  return oracle(layout_mask(lengths, offsets, q.shape[1]))(q, k, v)
+@pytest.fixture
+def fake_cudnn(monkeypatch) -> list[int]:
+  """JAX's private cuDNN entry point replaced by its documented semantics (the einsum oracle under
+  the layout's mask), so that model.cudnn.packed_kernel itself runs here; the list collects the
+  key head count each call was given."""
+  import jax._src.cudnn.fused_attention_stablehlo as fa
+  heads = []
+
+  def emulated(q, k, v, bias=None, mask=None, q_seqlen=None, kv_seqlen=None, q_offsets=None,
+               kv_offsets=None, *, scale, mask_type, qkv_layout):
+    assert bias is None and mask is None and qkv_layout == 'BTNH'
+    assert mask_type == fa.MaskType.CAUSAL and scale == pytest.approx(q.shape[-1] ** -0.5)
+    assert kv_seqlen is q_seqlen and kv_offsets is q_offsets  # self-attention: one layout
+    heads.append(k.shape[2])
+    return oracle(layout_mask(q_seqlen, q_offsets, q.shape[1]))(q, k, v)
+
+  monkeypatch.setattr(fa, 'dot_product_attention', emulated)
+  return heads
 
 
 def causal_stand_in(q, k, v):
@@ -85,10 +102,11 @@ def test_layout_spells_out_the_segment_mask(most):
                                     attention_mask(jnp.asarray(seg), jnp.asarray(seg), causal=True))
 
 
-@pytest.mark.parametrize('m,kv_heads', [(1, 2), (4, 1), (4, 4)])
-def test_kernel_or_mask_same_output_and_gradients(m, kv_heads):
+@pytest.mark.parametrize('m,kv_heads', [(1, 2), (4, 1), (4, 2), (4, 4)])
+def test_kernel_or_mask_same_output_and_gradients(m, kv_heads, fake_cudnn):
   """Within M the kernel path runs (the mask path is NaN here), beyond it the mask path (the
-  kernel is NaN): outputs and gradients equal the oracle's either way, GQA and MQA included."""
+  kernel is NaN): outputs and gradients equal the oracle's either way, GQA and MQA included. The
+  packed kernel gets one key head per query head where JAX's packed GQA offsets are wrong."""
   rng = np.random.default_rng(m)
   b, t, h, dk = 4, 24, 4, 8
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, dk)), jnp.float32) for n in (h, kv_heads, kv_heads))
@@ -99,23 +117,24 @@ def test_kernel_or_mask_same_output_and_gradients(m, kv_heads):
     seg = jnp.asarray(seg)
     ref = oracle(attention_mask(seg, seg, causal=True))
     ours = functools.partial(cudnn_attention, segment_ids=seg, max_segments=m,
-                             dense=dense or ref, packed=kernel or packed_stand_in,
+                             dense=dense or ref, packed=kernel or packed_kernel,
                              causal=kernel or causal_stand_in)
     run = lambda f: jax.jit(lambda q, k, v: (lambda o, vjp: (o, vjp(probe)))(*jax.vjp(f, q, k, v)))
     for a, r in zip(jax.tree.leaves(run(ours)(q, k, v)), jax.tree.leaves(run(ref)(q, k, v))):
       np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
+  fixed = jax.__version_info__ >= (0, 11, 1)  # jax-ml/jax#39521, after 0.11.0
+  assert set(fake_cudnn) == (set() if m == 1 else {kv_heads if fixed else h})
 
 
-def test_model_hands_causal_self_attention_its_segments(monkeypatch):
-  """A packed batch through a decoder with attention=cudnn, cudnn_segments=3 (cuDNN stood in for)
+def test_model_hands_causal_self_attention_its_segments(monkeypatch, fake_cudnn):
+  """A packed batch through a decoder with attention=cudnn, cudnn_segments=3 (cuDNN emulated)
   gives the einsum model's logits: the layers pass the row's segment ids and causality."""
   calls = []
 
   def stand_in(q, k, v, segment_ids, max_segments, dense):
     calls.append(max_segments)
     mask = attention_mask(segment_ids, segment_ids, causal=True)
-    return cudnn_attention(q, k, v, segment_ids, max_segments, oracle(mask), packed_stand_in,
-                           causal_stand_in)
+    return cudnn_attention(q, k, v, segment_ids, max_segments, oracle(mask), causal=causal_stand_in)
 
   monkeypatch.setattr(model.layers, 'cudnn_attention', stand_in)
   mc = model_config(tiny_config().model, 40, 16)
