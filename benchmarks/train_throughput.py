@@ -81,7 +81,8 @@ def measure(cfg, steps: int, warmup: int, vocab: int = 0, measure_peak: bool = F
           'flops_per_token': flops_per_token(trainer.model_cfg, t.seq_len),
           'peak_flops': device_peak_flops(measure_peak) * jax.device_count(),
           'params': sum(x.size for x in jax.tree.leaves(state.params)), 'model': trainer.model_cfg,
-          'batch': (t.batch_size, t.seq_len), 'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+          'batch': (t.batch_size, t.seq_len),
+          'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}',
           'device_peak_bytes': stats.get('peak_bytes_in_use')}  # accelerators only
 
 
