@@ -37,6 +37,6 @@ step 150 'GPT-2 small, cudnn_segments=1, batch 32' \
   "${TRAIN[@]}" --config.model.cudnn_segments=1 --config.train.batch_size=32
 step 120 'GPT-2 small, cudnn_segments=1, Triton GEMMs off' \
   env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${TRAIN[@]}" --config.model.cudnn_segments=1
-step 120 'GPT-2 small, cudnn_segments=1, loss in chunks of 2048 positions' \
-  "${TRAIN[@]}" --config.model.cudnn_segments=1 --config.train.loss_chunk=2048
+step 120 'GPT-2 small, cudnn_segments=1, loss in chunks of 256 positions per row' \
+  "${TRAIN[@]}" --config.model.cudnn_segments=1 --config.train.loss_chunk=256
 step 120 'GPT-2 small, xla attention' "${TRAIN[@]}" --config.model.attention=xla

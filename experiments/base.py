@@ -128,7 +128,8 @@ def get_config() -> ConfigDict:
   t.decay_embeddings = False      # apply weight decay to embeddings too (never to norms/biases)
   t.clip_norm = 1.0               # global-norm clipping; 0 disables
   t.opt_state_dtype = 'float32'   # dtype of the optimizer's first moment (bfloat16 halves its memory)
-  t.loss_chunk = 0                # > 0: output logits and loss this many positions at a time (no [batch, seq_len, vocab] array)
+  t.loss_chunk = 0                # > 0 (< seq_len): logits and loss this many positions of each row at a time (no [batch,
+                                  #   seq_len, vocab] array)
   t.z_loss = 0.0                  # > 0: adds z_loss · log(Z)^2 per token to the training loss (PaLM: 1e-4); eval loss excludes it
   t.spike_threshold = 0.0         # > 0: skip a step whose loss or grad norm is this many std devs above its running mean
   t.spike_warmup = 20             # steps of running statistics gathered before any step is skipped

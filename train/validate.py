@@ -121,6 +121,8 @@ RELATIONS: tuple[tuple[str, Callable[[ConfigDict], bool], str], ...] = (
      'a divisor of model.d_model (or set model.head_dim)'),
     ('model.n_kv_heads', lambda c: not c.model.n_kv_heads or c.model.n_heads % c.model.n_kv_heads == 0,
      'a divisor of model.n_heads (0 = n_heads)'),
+    ('train.loss_chunk', lambda c: c.train.loss_chunk < c.train.seq_len,
+     '< train.seq_len: positions of each row per chunk (0 = off; one chunk saves nothing)'),
     ('model.cudnn_segments', lambda c: not c.model.cudnn_segments or c.model.attention == 'cudnn',
      '0 unless model.attention=cudnn'),
     ('mesh.data', lambda c: c.mesh.data == -1 or c.mesh.data >= 1, '-1 (all remaining devices) or >= 1'),

@@ -15,7 +15,7 @@ from tests.faults.runs import fault_env
 from tests.test_run import ROOT, one_line_error
 from train.validate import validate, validate_devices
 
-# (overrides, field named in the error): 21 invalid settings
+# (overrides, field named in the error): 22 invalid settings
 INVALID = [
     ({'train.steps': -5}, 'train.steps'),
     ({'train.steps': 0}, 'train.steps'),
@@ -38,6 +38,7 @@ INVALID = [
     ({'lora.rank': -1}, 'lora.rank'),
     ({'rlhf.gamma': 1.5}, 'rlhf.gamma'),
     ({'model.cudnn_segments': 2}, 'model.cudnn_segments'),  # quickstart's attention is einsum
+    ({'train.loss_chunk': 128}, 'train.loss_chunk'),  # quickstart's rows are 128 positions
 ]
 
 
