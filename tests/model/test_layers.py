@@ -10,7 +10,7 @@ import pytest
 from model.config import model_config
 from model.layers import (apply_rope, attention_mask, contract, einsum_attention, fused_attention,
                           sinusoidal_table)
-from model.transformer import build_model
+from model.transformer import build_model, tied_logits
 from tests.helpers import random_batch, tiny_config
 
 
@@ -125,3 +125,25 @@ def test_padding_rows_stay_finite():
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(batch['inputs']))
   out = model.apply(params, batch['inputs'], batch['positions'], batch['segment_ids'])
   assert np.isfinite(np.asarray(out)).all()
+
+
+def test_tied_logits_gradient_is_autodiffs_in_f32_and_runs_in_bf16_under_bf16():
+  """f32: output and gradients are the plain einsum's. bf16: every matmul of the backward takes
+  bf16 operands (autodiff would run both in f32 over the vocabulary) and the gradients stay
+  within bf16 rounding of the f32 ones."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(40, 16)), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=(2, 6, 40)), jnp.float32)
+  plain = lambda x, t: jnp.einsum('btd,vd->btv', x, t, preferred_element_type=jnp.float32)
+  grads = lambda f, *a: jax.grad(lambda x, t: (f(x, t) * probe).sum(), argnums=(0, 1))(*a)
+  np.testing.assert_allclose(tied_logits(x, table), plain(x, table), rtol=1e-6)
+  for ours, ref in zip(grads(tied_logits, x, table), grads(plain, x, table)):
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  xb, tb = x.astype(jnp.bfloat16), table.astype(jnp.bfloat16)
+  operands = lambda f: [line.rsplit(' : (', 1)[1].split(') ->')[0] for line in jax.jit(
+      lambda x, t: grads(f, x, t)).lower(xb, tb).as_text().splitlines() if 'dot_general' in line]
+  assert operands(plain) and all('f32' in o for o in operands(plain))  # what autodiff does
+  assert len(operands(tied_logits)) == 2 and all('f32' not in o for o in operands(tied_logits))
+  for ours, ref in zip(grads(tied_logits, xb, tb), grads(plain, x, table)):
+    np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0.05, atol=0.05)
