@@ -12,18 +12,33 @@ Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def at_labels(x: jax.Array, labels: jax.Array) -> jax.Array:
-  """x[..., labels]: x [..., v], labels [...] -> [...], as a one-hot select and sum. The gradient
-  is then elementwise and fuses into the softmax backward; take_along_axis's is a scatter, which
-  XLA runs as one more pass over a [b, t, v] f32 array, before a separate cast for the head's
-  bf16 matmuls (GPT-2 small's step compiled for an H100). Labels outside [0, v) select 0."""
-  return jnp.where(jnp.arange(x.shape[-1]) == labels[..., None], x, 0).sum(-1)
-
-
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihood in f32. logits: [b, t, v], targets: [b, t] -> [b, t]."""
-  logits = logits.astype(jnp.float32)
-  return jax.nn.logsumexp(logits, axis=-1) - at_labels(logits, targets)
+  """Per-token negative log-likelihood in f32. logits: [b, t, v], targets: [b, t] -> [b, t];
+  optax's softmax cross-entropy, with its gradient written out (`_nll`)."""
+  return _nll(logits.astype(jnp.float32), targets)
+
+
+@jax.custom_vjp
+def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log-sum-exp minus the target's logit. The gradient, softmax minus the one-hot target, is one
+  elementwise expression: autodiff's transposes take_along_axis into a scatter, which XLA runs
+  as a pass of its own over the [b, t, v] f32 gradient and which keeps the cast to the head's
+  bf16 matmuls out of the softmax backward (GPT-2 small's step compiled for an H100)."""
+  return _nll_fwd(logits, targets)[0]
+
+
+def _nll_fwd(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, tuple]:
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], (logits, targets, lse)
+
+
+def _nll_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, None]:
+  logits, targets, lse = res
+  target = jnp.arange(logits.shape[-1]) == targets[..., None]
+  return (jnp.exp(logits - lse[..., None]) - target) * g[..., None], None
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def scored_sums(logits: jax.Array, labels: jax.Array, w: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

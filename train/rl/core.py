@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from model.heads import apply_rows
-from train.objectives import at_labels
 
 Array = jax.Array
 
@@ -22,7 +21,7 @@ def token_logprobs(logits: Array, targets: Array, temperature: float = 1.0) -> A
   """log softmax(logits / temperature) at `targets`, in f32: logits [..., v], targets [...] ->
   [...]. The same distribution model/sampling.py samples from (before top-k/top-p truncation)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  return at_labels(logp, targets)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 def token_entropy(logits: Array, temperature: float = 1.0) -> Array:
