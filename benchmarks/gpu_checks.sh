@@ -6,6 +6,8 @@
 # step has its own time limit and a failure does not stop the rest.
 #
 #   bash benchmarks/gpu_checks.sh [PROFILE_DIR]
+#   BASELINE=.baseline bash benchmarks/gpu_checks.sh   # also time an older tree first, e.g. from
+#                                 # `mkdir .baseline && git archive REV | tar -x -C .baseline`
 #
 # A machine without ml-collections (a bare accelerator image) installs it from wheels in $WHEELS
 # (default .whl; `pip download --no-deps -d .whl ml-collections` beforehand, where PyPI is reachable).
@@ -17,7 +19,7 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
 fi
 PROFILE=${1:-/tmp/gpu_checks_profile}
 LOG=${OUT:-/tmp}/gpu_checks.log  # the device tool's $OUT comes back even when its time runs out
-exec > >(tee -a "$LOG") 2>&1
+mkdir -p "$(dirname "$LOG")" && exec > >(tee -a "$LOG") 2>&1
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 
 step() {  # step SECONDS LABEL COMMAND...: one measurement, labelled, within its time limit
@@ -30,7 +32,11 @@ TRAIN=(python3 benchmarks/train_throughput.py --config=experiments/gpt2_small.py
 
 step 150 'cuDNN attention variants (fwd+bwd, errors against the f32 oracle)' \
   python3 benchmarks/cudnn_attention.py
-step 120 'GPT-2 small, cudnn, dense segment mask (baseline)' "${TRAIN[@]}"
+if [ -n "${BASELINE:-}" ]; then
+  step 120 "GPT-2 small, the tree in $BASELINE (before)" \
+    env -C "$BASELINE" PYTHONPATH="$(cd "$BASELINE" && pwd):${PYTHONPATH:-}" "${TRAIN[@]}"
+fi
+step 120 'GPT-2 small, cudnn, dense segment mask' "${TRAIN[@]}"
 step 180 'GPT-2 small, cudnn_segments=1, then a profile (25 longest kernels)' \
   "${TRAIN[@]}" --config.model.cudnn_segments=1 --profile="$PROFILE"
 step 150 'GPT-2 small, cudnn_segments=1, batch 32' \
