@@ -7,8 +7,16 @@ per-device memory and whether it fits the chip's HBM: a run's fit, known before 
   python benchmarks/aot_topology.py --config=experiments/quickstart.py --topology=cpu-8
 
 --topology: a Cloud TPU slice (v5e-16, v6e-8 count chips; v4-16, v5p-16 TensorCores), a libtpu
-topology (v5e:4x4, v5p:2x2x2), or cpu-N: N simulated CPU devices, the same code path without
-libtpu. The config's mesh (-1 = the rest) is laid over the topology's devices.
+topology (v5e:4x4, v5p:2x2x2), h100-N (N H100s, 8 per host), or cpu-N: N simulated CPU devices,
+the same code path without libtpu. The config's mesh (-1 = the rest) is laid over the topology's
+devices. H100s need JAX's CUDA plugin but no GPU, in an environment of their own (the plugin
+complains at every start without a GPU):
+
+  pip install -e . "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # in that venv
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_topology.py --topology=h100-8
+
+Without a device XLA cannot autotune, so the GPU kernels are its defaults (memory is what counts).
+model.cudnn_segments > 1 cannot compile there (JAX asks the local GPU whether it is a Hopper).
 """
 import os
 import time
@@ -18,7 +26,8 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', 'experiments/gpt2_small.py', 'Experiment config.',
                                 lock_config=True)
-flags.DEFINE_string('topology', 'v5e-16', 'TPU slice (v5e-16), libtpu topology (v5e:4x4) or cpu-N.')
+flags.DEFINE_string('topology', 'v5e-16', 'TPU slice (v5e-16), libtpu topology (v5e:4x4), h100-N or '
+                    'cpu-N.')
 flags.DEFINE_integer('vocab', 0, 'Vocabulary size (0 = model.vocab_size or 256 bytes).')
 
 
@@ -35,7 +44,7 @@ def main(_):
   from train.aot import HBM_GIB, compile_step_memory, topology_devices
 
   cfg = F.config
-  if cfg.model.attention == 'cudnn' and not F.topology.startswith('cpu'):
+  if cfg.model.attention == 'cudnn' and not F.topology.startswith(('cpu', 'h100')):
     raise UserError('model.attention=cudnn is a GPU kernel; compile for TPU with '
                     '--config.model.attention=splash (or xla)')
   t0 = time.perf_counter()

@@ -14,7 +14,23 @@ from train.objectives import objective_for
 from train.step import compile_train_step
 from train.trainer import init_trainer
 
-HBM_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}  # per device (chip)
+HBM_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32,  # per device (chip)
+           'NVIDIA H100 80GB HBM3': 80}
+# XLA's description of an H100 SXM (xla/stream_executor DeviceDescription), for compiling without
+# one: JAX's CUDA plugin builds compile-only devices from it (jax-ml/jax#28376).
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA" dnn_version_info { major: 9 minor: 8 } runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
 # Cloud TPU slice sizes -> libtpu topology shapes: 2D tori (v5e, v6e) and 3D ones (v4, v5p).
 SHAPES_2D = {4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16', 256: '16x16'}
 SHAPES_3D = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
@@ -36,9 +52,34 @@ def libtpu_topology(name: str) -> str:
   return f'{gen}:{shape}'
 
 
+def gpu_topology(name: str) -> str:
+  """h100-N (N GPUs, 8 per host) -> the CUDA plugin's topology 'slices x hosts x devices'."""
+  n = name.partition('-')[2] or '1'
+  if not n.isdigit() or int(n) < 1 or (int(n) > 8 and int(n) % 8):
+    raise UserError(f'--topology={name}: use h100-N with N GPUs, at most 8 or a multiple of 8 '
+                    '(8 per host)')
+  return f'1x{max(int(n) // 8, 1)}x{min(int(n), 8)}'
+
+
+def cuda_devices(name: str) -> list[jax.Device]:
+  """Compile-only H100s: no GPU needed, but JAX's CUDA plugin, whose start-up check for a GPU
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 turns off (XLA then cannot autotune: default kernels)."""
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(platform='cuda', target_config=H100_TARGET,
+                                             topology=gpu_topology(name)).devices)
+  except (NotImplementedError, RuntimeError) as e:
+    raise UserError(f'cannot build GPU topology {name} ({str(e).splitlines()[0]}): in a separate '
+                    f'environment pip install "jax[cuda12]=={jax.__version__}" and run with '
+                    'JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1') from e
+
+
 def topology_devices(name: str) -> list[jax.Device]:
-  """The devices to compile for: cpu-N (this host's first N CPU devices) or a TPU topology's
-  compile-only devices (needs the libtpu wheel; one device per chip, v4 as megacore)."""
+  """The devices to compile for: cpu-N (this host's first N CPU devices), h100-N (compile-only
+  H100s, see cuda_devices) or a TPU topology's compile-only devices (needs the libtpu wheel; one
+  device per chip, v4 as megacore)."""
+  if name.startswith('h100'):
+    return cuda_devices(name)
   if name.startswith('cpu'):
     n = int(name.partition('-')[2] or 1)
     devices = jax.devices('cpu')

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model.errors import UserError
-from train.aot import compile_step_memory, libtpu_topology, topology_devices
+from train.aot import compile_step_memory, gpu_topology, libtpu_topology, topology_devices
 from train.trainer import init_trainer
 from tests.helpers import tiny_config
 
@@ -49,6 +49,20 @@ def test_topology_names():
       libtpu_topology(bad)
   with pytest.raises(UserError, match='xla_force_host_platform_device_count=64'):
     topology_devices('cpu-64')
+  assert [gpu_topology(n) for n in ('h100', 'h100-4', 'h100-8', 'h100-32')] == [
+      '1x1x1', '1x1x4', '1x1x8', '1x4x8']
+  for bad in ('h100-12', 'h100-0', 'h100-x'):
+    with pytest.raises(UserError, match='at most 8 or a multiple of 8'):
+      gpu_topology(bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('jax_plugins') is not None
+                    and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None,
+                    reason="JAX's CUDA plugin is installed")
+def test_h100_without_the_cuda_plugin_names_the_install():
+  """Compiling for H100s needs JAX's CUDA plugin (not a GPU); without it, one line says how."""
+  with pytest.raises(UserError, match=r'pip install "jax\[cuda12\]==.*JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1'):
+    topology_devices('h100-8')
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='libtpu not installed')
