@@ -6,9 +6,10 @@ model.attention=cudnn alone hands jax.nn.dot_product_attention a dense [b, 1, t,
 which cuDNN reads as a bias (and, before JAX 0.11.1, writes its unused gradient: the installed JAX
 decides which is timed). model.cudnn_segments=M tells cuDNN each row's documents instead
 (model/cudnn.py): plain causal at M = 1, the packed layout (per row the length and offset of at
-most M segments, Hopper and later) at M > 1, the mask for a batch with a longer row. Rows of 1-7 documents with padding, and rows of one document; for each
-variant the fwd+bwd time and the relative error of the output and the three gradients on real
-(non-padding) positions against the f32 einsum oracle.
+most M segments, Hopper and later) at M > 1, the mask for a batch with a longer row. Rows of 1-7
+documents with padding, and rows of one document; for each variant the fwd+bwd time and the
+relative error of the output and the three gradients on real (non-padding) positions against the
+f32 einsum oracle.
 """
 import functools
 import time
@@ -29,8 +30,7 @@ flags.DEFINE_integer('repeats', 20, 'Timed calls of each variant.')
 
 def cudnn_segments(q, k, v, segment_ids, max_segments: int):
   """model.cudnn_segments=M: plain causal (M = 1) or the packed layout, the mask past M segments."""
-  mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
-  masked = functools.partial(layers.fused_attention, mask=mask, implementation='cudnn', causal=True)
+  masked = lambda q, k, v: cudnn_dense_mask(q, k, v, segment_ids)
   return cudnn.cudnn_attention(q, k, v, segment_ids, max_segments, masked)
 
 

@@ -70,7 +70,7 @@ def cuda_devices(name: str) -> list[jax.Device]:
                                              topology=gpu_topology(name)).devices)
   except (NotImplementedError, RuntimeError) as e:
     raise UserError(f'cannot build GPU topology {name} ({str(e).splitlines()[0]}): in a separate '
-                    f'environment pip install "jax[cuda12]=={jax.__version__}" and run with '
+                    f'environment pip install -e . "jax[cuda12]=={jax.__version__}" and run with '
                     'JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1') from e
 
 

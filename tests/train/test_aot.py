@@ -61,7 +61,8 @@ def test_topology_names():
                     reason="JAX's CUDA plugin is installed")
 def test_h100_without_the_cuda_plugin_names_the_install():
   """Compiling for H100s needs JAX's CUDA plugin (not a GPU); without it, one line says how."""
-  with pytest.raises(UserError, match=r'pip install "jax\[cuda12\]==.*JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1'):
+  fix = r'pip install -e \. "jax\[cuda12\]==.*JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1'
+  with pytest.raises(UserError, match=fix):
     topology_devices('h100-8')
 
 
