@@ -93,7 +93,9 @@ def test_goodput_accounts_for_the_wall_time(run):
     assert seconds[k] > 0, (k, seconds)
   assert seconds['restore'] == 0
   assert sum(seconds.values()) == pytest.approx(metrics['time/wall'])
-  assert metrics['time/wall'] == pytest.approx(wall, rel=0.02), (wall, seconds)
+  # Only the last row's own writing (metrics.jsonl, TensorBoard's flush and close) happens after
+  # the figures are taken: tens of milliseconds, however long the run (CI has measured 63 ms).
+  assert 0 <= wall - metrics['time/wall'] < 0.25, (wall, seconds)
   assert metrics['goodput'] == pytest.approx(seconds['step'] / metrics['time/wall'])
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     final = [json.loads(line) for line in f][-1]
