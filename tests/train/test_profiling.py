@@ -95,7 +95,8 @@ def test_goodput_accounts_for_the_wall_time(run):
   assert sum(seconds.values()) == pytest.approx(metrics['time/wall'])
   # Only the last row's own writing (metrics.jsonl, TensorBoard's flush and close) happens after
   # the figures are taken: tens of milliseconds, however long the run (CI has measured 63 ms).
-  assert 0 <= wall - metrics['time/wall'] < 0.25, (wall, seconds)
+  # 0.15 s is below this run's whole compile, eval or checkpoint time (about 0.4, 0.2, 0.2 s).
+  assert 0 <= wall - metrics['time/wall'] < 0.15, (wall, seconds)
   assert metrics['goodput'] == pytest.approx(seconds['step'] / metrics['time/wall'])
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     final = [json.loads(line) for line in f][-1]
